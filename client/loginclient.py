@@ -1,0 +1,233 @@
+"""The node's side of the login protocol: one connection per operation.
+
+Connect, check the server's handshake against the pinned CA key, send one sealed request,
+wait for its reply or error, close.  Every wait is bounded by ``timeout`` seconds of the
+injected reactor's clock, and every failure becomes a ``VoipError`` that names the login
+server and its address.
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from twisted.internet import error as net_error
+from twisted.internet.defer import CancelledError, Deferred, TimeoutError
+from twisted.internet.endpoints import HostnameEndpoint
+from twisted.internet.interfaces import IReactorTime
+from twisted.internet.protocol import Factory
+from twisted.python.failure import Failure
+
+from overlay.certificate import SignedCertificate
+from overlay.channel import ClientHandshake, HelloReply, ServerNotTrusted
+from overlay.connection import FramedConnection
+from overlay.errors import ProtocolError, VoipError
+from overlay.identity import IdentityKey
+from overlay.login_protocol import (
+    DEFAULT_TIMEOUT,
+    CertificateReply,
+    Contact,
+    Login,
+    Register,
+    Registered,
+    Renew,
+    error_from_reply,
+    proof_message,
+)
+from overlay.messages import Error, Message, Ping, Pong
+
+
+class LoginServerUnreachable(VoipError):
+    """The login server cannot be reached; check --login-server and your network."""
+
+    code = "login-server-unreachable"
+
+
+class LoginServerNotTrusted(VoipError):
+    """The server did not prove it is the login server your CA key names (check --ca)."""
+
+    code = "login-server-not-trusted"
+
+
+@dataclass(frozen=True)
+class LoginResult:
+    certificate: SignedCertificate
+    bootstrap: tuple[Contact, ...]
+    server_time: float
+
+
+def parse_address(text: str) -> tuple[str, int]:
+    """``host:port`` (``[v6]:port`` for IPv6) -> (host, port)."""
+    host, sep, port = text.rpartition(":")
+    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise VoipError(f"{text!r} is not an address like 127.0.0.1:7000.")
+    return host.strip("[]"), int(port)
+
+
+class _Connection(FramedConnection):
+    def __init__(self, clock: IReactorTime, pinned_key: bytes, timeout: float) -> None:
+        super().__init__(clock, timeout)
+        self.handshake = ClientHandshake(pinned_key)
+        self.ready: Deferred[_Connection] = Deferred()
+        self.replies: dict[int, Deferred[Message]] = {}
+        self.rids = itertools.count(1)
+        self.failure: VoipError | None = None
+
+    def connectionMade(self) -> None:
+        super().connectionMade()
+        self.send(self.handshake.hello())
+
+    def message_received(self, message: Message) -> None:
+        if self.session is None:
+            if not isinstance(message, HelloReply):
+                self._fail(
+                    ProtocolError(f"The login server sent {message.NAME} instead of hello-reply.")
+                )
+                return
+            try:
+                self.session = self.handshake.finish(message)
+            except ServerNotTrusted:
+                self._fail(LoginServerNotTrusted())
+                return
+            except ProtocolError as exc:
+                self._fail(exc)
+                return
+            self.ready.callback(self)
+            return
+        rid = getattr(message, "rid", None)
+        waiter = self.replies.pop(rid, None) if isinstance(rid, int) else None
+        if waiter is not None:
+            waiter.callback(message)
+
+    def request(self, build: Callable[[int], Message]) -> Deferred[Message]:
+        rid = next(self.rids)
+        waiter: Deferred[Message] = Deferred()
+        self.replies[rid] = waiter
+        self.send(build(rid))
+        return waiter
+
+    def _fail(self, exc: VoipError) -> None:
+        self.failure = exc
+        self.close()
+
+    def connection_closed(self, reason: Failure | None) -> None:
+        exc = self.failure or LoginServerUnreachable("The login server closed the connection.")
+        if not self.ready.called:
+            self.ready.errback(exc)
+        for waiter in self.replies.values():
+            waiter.errback(exc)
+        self.replies.clear()
+
+
+class LoginClient:
+    """Talks to one login server whose CA key is pinned."""
+
+    def __init__(
+        self,
+        reactor: Any,
+        address: str,
+        ca_key: bytes,
+        timeout: float = DEFAULT_TIMEOUT,
+        endpoint_factory: Callable[[Any, str, int, float], Any] | None = None,
+    ) -> None:
+        self.reactor = reactor
+        self.address = address
+        self.host, self.port = parse_address(address)
+        self.ca_key = ca_key
+        self.timeout = timeout
+        self._endpoint_factory = endpoint_factory or (
+            lambda r, h, p, t: HostnameEndpoint(r, h, p, timeout=t)
+        )
+
+    def _where(self, exc: BaseException) -> VoipError:
+        at = f"the login server at {self.address}"
+        if isinstance(exc, LoginServerNotTrusted):
+            return LoginServerNotTrusted(
+                f"The server at {self.address} did not prove it holds the CA key you trust "
+                "(wrong --ca, or not our login server)."
+            )
+        if isinstance(exc, VoipError):
+            return exc
+        if isinstance(exc, net_error.ConnectionRefusedError):
+            return LoginServerUnreachable(f"Cannot reach {at}: connection refused.")
+        if isinstance(exc, TimeoutError | CancelledError | net_error.TimeoutError):
+            return LoginServerUnreachable(
+                f"{at[0].upper()}{at[1:]} did not answer within {self.timeout:g} s."
+            )
+        if isinstance(exc, net_error.DNSLookupError):
+            return LoginServerUnreachable(f"Cannot resolve the login server name {self.host}.")
+        if isinstance(exc, net_error.ConnectError):
+            reason = exc.osError or exc.__class__.__doc__ or "connection failed"
+            return LoginServerUnreachable(f"Cannot reach {at}: {str(reason).strip().rstrip('.')}.")
+        return LoginServerUnreachable(f"Cannot reach {at}: {exc}.")
+
+    async def _exchange(self, build: Callable[[bytes, int], Message]) -> Message:
+        connection: _Connection | None = None
+
+        async def run() -> Message:
+            nonlocal connection
+            factory = Factory.forProtocol(
+                lambda: _Connection(self.reactor, self.ca_key, self.timeout)
+            )
+            endpoint = self._endpoint_factory(self.reactor, self.host, self.port, self.timeout)
+            connected = await endpoint.connect(factory)
+            assert isinstance(connected, _Connection)
+            connection = connected
+            await connection.ready
+            session = connection.session
+            assert session is not None
+            return await connection.request(lambda rid: build(session.transcript, rid))
+
+        work = Deferred.fromCoroutine(run())
+        work.addTimeout(self.timeout, self.reactor)
+        try:
+            reply = await work
+        except Exception as exc:  # noqa: BLE001 - mapped to a user-facing error here
+            raise self._where(exc) from None
+        finally:
+            if connection is not None:
+                connection.close()
+        if isinstance(reply, Error):
+            raise error_from_reply(reply.code, reply.message, reply.retry_after)
+        return reply
+
+    async def register(self, username: str, password: str) -> str:
+        reply = await self._exchange(lambda _t, rid: Register(rid, username, password))
+        if not isinstance(reply, Registered):
+            raise ProtocolError(f"The login server answered register with {reply.NAME}.")
+        return reply.username
+
+    async def login(self, username: str, password: str, identity: IdentityKey) -> LoginResult:
+        def build(transcript: bytes, rid: int) -> Message:
+            proof = identity.sign(proof_message(transcript, username, identity.public_key))
+            return Login(rid, username, password, identity.public_key, proof)
+
+        return self._result(await self._exchange(build), identity)
+
+    async def renew(self, certificate: SignedCertificate, identity: IdentityKey) -> LoginResult:
+        def build(transcript: bytes, rid: int) -> Message:
+            proof = identity.sign(
+                proof_message(transcript, certificate.username, identity.public_key)
+            )
+            return Renew(rid, bytes(certificate), proof)
+
+        return self._result(await self._exchange(build), identity)
+
+    async def ping(self) -> float:
+        """Round-trip time to the login server, in seconds."""
+        start = self.reactor.seconds()
+        reply = await self._exchange(lambda _t, rid: Ping(rid))
+        if not isinstance(reply, Pong):
+            raise ProtocolError(f"The login server answered ping with {reply.NAME}.")
+        return float(self.reactor.seconds() - start)
+
+    def _result(self, reply: Message, identity: IdentityKey) -> LoginResult:
+        if not isinstance(reply, CertificateReply):
+            raise ProtocolError(f"The login server answered with {reply.NAME}, not a certificate.")
+        signed = SignedCertificate.parse(reply.certificate)
+        signed.verify(self.ca_key, self.reactor.seconds(), username=None)
+        if signed.public_key != identity.public_key:
+            raise ProtocolError("The login server certified a key that is not ours.")
+        return LoginResult(signed, reply.bootstrap, reply.time)
