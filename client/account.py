@@ -242,18 +242,20 @@ class Account:
     async def _renew_now(self) -> None:
         if self.state is not State.LOGGED_IN or self.certificate is None or self.identity is None:
             return
-        name = self.username
+        renewing = self.certificate
         try:
-            result = await self.client.renew(self.certificate, self.identity)
+            result = await self.client.renew(renewing, self.identity)
         except (SessionExpired, UnknownUser, BadProof) as exc:
-            self._logged_out(f"Logged out: {exc}")
-            self.state_dir.forget_session()
+            if self.certificate is renewing:
+                self._logged_out(f"Logged out: {exc}")
+                self.state_dir.forget_session()
             return
         except (LoginError, VoipError) as exc:
-            self._retry(exc)
+            if self.certificate is renewing:
+                self._retry(exc)
             return
-        if self.state is not State.LOGGED_IN or self.username != name:
-            return  # logged out meanwhile
+        if self.state is not State.LOGGED_IN or self.certificate is not renewing:
+            return  # logged out (or in again) meanwhile: this renewal no longer applies
         assert self.identity is not None
         self.renewals += 1
         self._logged_in(self.username or "", self.identity, result)

@@ -14,7 +14,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from twisted.application.internet import StreamServerEndpointService
 from twisted.application.service import MultiService
 from twisted.internet.endpoints import UNIXServerEndpoint
 from twisted.internet.error import CannotListenError
@@ -28,6 +27,7 @@ from client.paths import MAX_SOCKET_PATH, default_socket_path, default_state_dir
 from client.state import StateDir, StateError
 from overlay.errors import VoipError
 from overlay.identity import DEFAULT_COST, KdfCost, read_trust_anchor
+from overlay.listening import ListeningService
 from overlay.terminal import run_command
 
 PROGRAM = "voipd"
@@ -68,9 +68,7 @@ class Daemon(MultiService):
             "ping": self.cmd_ping,
         }
         endpoint = UNIXServerEndpoint(reactor, str(config.socket), mode=0o600, wantPID=False)
-        listener = StreamServerEndpointService(endpoint, ControlFactory(handlers))
-        listener._raiseSynchronously = True
-        listener.setServiceParent(self)
+        ListeningService(endpoint, ControlFactory(handlers)).attach(self)
 
     def startService(self) -> None:
         self.account.restore()
@@ -82,8 +80,14 @@ class Daemon(MultiService):
 
     def stopService(self) -> Any:
         result = super().stopService()  # type: ignore[no-untyped-call]
-        self.config.socket.unlink(missing_ok=True)
-        return result
+
+        def remove_socket(passthrough: Any) -> Any:
+            # Only once the port has closed: it unlinks its socket itself, and fails (leaving
+            # its socket open) if the file is gone already.
+            self.config.socket.unlink(missing_ok=True)
+            return passthrough
+
+        return result.addBoth(remove_socket)
 
     # -- control commands ----------------------------------------------------------------------
 

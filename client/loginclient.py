@@ -37,6 +37,7 @@ from overlay.login_protocol import (
     proof_message,
 )
 from overlay.messages import Error, Message, Ping, Pong
+from overlay.usernames import canonical_username
 
 
 class LoginServerUnreachable(VoipError):
@@ -61,7 +62,8 @@ class LoginResult:
 def parse_address(text: str) -> tuple[str, int]:
     """``host:port`` (``[v6]:port`` for IPv6) -> (host, port)."""
     host, sep, port = text.rpartition(":")
-    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+    # isascii: str.isdigit() also accepts digits such as '²' that int() refuses.
+    if not sep or not host or not (port.isascii() and port.isdigit()) or not 0 < int(port) < 65536:
         raise VoipError(f"{text!r} is not an address like 127.0.0.1:7000.")
     return host.strip("[]"), int(port)
 
@@ -73,7 +75,7 @@ class _Connection(FramedConnection):
         self.ready: Deferred[_Connection] = Deferred()
         self.replies: dict[int, Deferred[Message]] = {}
         self.rids = itertools.count(1)
-        self.failure: VoipError | None = None
+        self.failure: Exception | None = None
 
     def connectionMade(self) -> None:
         super().connectionMade()
@@ -108,9 +110,13 @@ class _Connection(FramedConnection):
         self.send(build(rid))
         return waiter
 
-    def _fail(self, exc: VoipError) -> None:
+    def _fail(self, exc: Exception) -> None:
         self.failure = exc
         self.close()
+
+    def timed_out(self) -> None:
+        # The same "did not answer" as the request's own timeout, whichever fires first.
+        self._fail(TimeoutError())
 
     def connection_closed(self, reason: Failure | None) -> None:
         exc = self.failure or LoginServerUnreachable("The login server closed the connection.")
@@ -200,9 +206,11 @@ class LoginClient:
         return reply.username
 
     async def login(self, username: str, password: str, identity: IdentityKey) -> LoginResult:
+        name = canonical_username(username)  # the server checks the proof over this form
+
         def build(transcript: bytes, rid: int) -> Message:
-            proof = identity.sign(proof_message(transcript, username, identity.public_key))
-            return Login(rid, username, password, identity.public_key, proof)
+            proof = identity.sign(proof_message(transcript, name, identity.public_key))
+            return Login(rid, name, password, identity.public_key, proof)
 
         return self._result(await self._exchange(build), identity)
 

@@ -23,6 +23,7 @@ import cbor2
 from overlay.certificate import SignedCertificate
 from overlay.errors import ProtocolError, VoipError
 from overlay.identity import format_trust_anchor, parse_trust_anchor, write_private_file
+from overlay.usernames import is_valid_username
 
 
 class StateError(VoipError):
@@ -126,12 +127,21 @@ class StateDir:
     def load_session(self) -> SavedSession | None:
         try:
             document = cbor2.loads(self.session_path.read_bytes())
+            username, file_key = document["username"], document["file_key"]
             certificate = SignedCertificate.parse(document["certificate"])
-            return SavedSession(str(document["username"]), bytes(document["file_key"]), certificate)
         except FileNotFoundError:
             return None
         except (OSError, ProtocolError, KeyError, TypeError, ValueError, cbor2.CBORDecodeError):
             return None
+        # A damaged file must not name another key file or hold a huge integer for a key.
+        if not (
+            isinstance(username, str)
+            and is_valid_username(username)
+            and username == certificate.username
+            and isinstance(file_key, bytes)
+        ):
+            return None
+        return SavedSession(username, file_key, certificate)
 
     def forget_session(self) -> None:
         self.session_path.unlink(missing_ok=True)

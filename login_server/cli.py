@@ -148,8 +148,10 @@ def cmd_run(args: argparse.Namespace) -> int:
     _log_to_stderr()
     reactor.addSystemEventTrigger("before", "shutdown", service.stopService)
     registration = "open" if args.open_registration else "closed"
+    address = service.listener.address if service.listener is not None else None
+    where = f"{address.host}:{address.port}" if address is not None else listen
     print(
-        f"{PROGRAM}: serving on {listen} (registration {registration}); Ctrl-C stops.",
+        f"{PROGRAM}: serving on {where} (registration {registration}); Ctrl-C stops.",
         file=sys.stderr,
         flush=True,
     )

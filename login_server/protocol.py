@@ -18,8 +18,8 @@ from twisted.python.failure import Failure
 from login_server.logic import LoginServer
 from overlay.channel import Hello, server_handshake
 from overlay.connection import FramedConnection
-from overlay.errors import ProtocolError, VoipError
-from overlay.login_protocol import Login, Register, Renew, ServerError
+from overlay.errors import ProtocolError
+from overlay.login_protocol import Login, LoginError, Register, Renew, ServerError
 from overlay.messages import Message, Ping, Pong
 
 HANDSHAKE_TIMEOUT = 10.0
@@ -44,6 +44,7 @@ class LoginServerConnection(FramedConnection):
             self.send(reply)  # in the clear; everything after it is sealed
             self.session = session
             self.idle_timeout = IDLE_TIMEOUT
+            self._touch()  # restart the timer: the handshake timeout no longer applies
             return
         if isinstance(message, Ping):
             self.send(Pong(message.rid, self.clock.seconds()))
@@ -74,7 +75,7 @@ class LoginServerConnection(FramedConnection):
 
         def failed(failure: Failure) -> None:
             self.pending -= 1
-            if isinstance(failure.value, VoipError):
+            if isinstance(failure.value, LoginError):
                 self.send_error(rid, request.NAME, failure.value)
             else:
                 self.server.counters["internal-error"] += 1

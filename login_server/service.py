@@ -7,7 +7,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from twisted.application.internet import StreamServerEndpointService
 from twisted.application.service import MultiService
 from twisted.internet.endpoints import serverFromString
 from twisted.internet.threads import deferToThreadPool
@@ -17,6 +16,7 @@ from login_server.logic import LoginServer, SlowRunner
 from login_server.protocol import LoginServerFactory
 from overlay import certificate
 from overlay.identity import DEFAULT_COST, KdfCost
+from overlay.listening import ListeningService
 
 
 @dataclass(frozen=True)
@@ -36,6 +36,7 @@ class LoginServerService(MultiService):
     def __init__(self, server: LoginServer) -> None:
         super().__init__()  # type: ignore[no-untyped-call]
         self.login_server = server
+        self.listener: ListeningService | None = None
 
     def stopService(self) -> Any:
         result = super().stopService()  # type: ignore[no-untyped-call]
@@ -67,7 +68,5 @@ def makeService(config: LoginServerConfig, reactor: Any) -> LoginServerService:
     )
     top = LoginServerService(server)
     endpoint = serverFromString(reactor, config.listen)
-    listener = StreamServerEndpointService(endpoint, LoginServerFactory(server, reactor))
-    listener._raiseSynchronously = True
-    listener.setServiceParent(top)
+    top.listener = ListeningService(endpoint, LoginServerFactory(server, reactor)).attach(top)
     return top

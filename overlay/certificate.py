@@ -145,8 +145,12 @@ class SignedCertificate:
             raise CertificateFormatError("The certificate signature is not 64 bytes.")
         if not isinstance(tbs, list) or not tbs:
             raise CertificateFormatError("The certificate body is not an array.")
-        if tbs[0] != CERT_VERSION or isinstance(tbs[0], bool):
-            raise UnknownVersion(f"The certificate has unknown version {tbs[0]!r}.")
+        version = tbs[0]
+        if version != CERT_VERSION or isinstance(version, bool):
+            # Show only an integer: the repr of a hostile structure (CBOR shared references)
+            # can be exponentially large.
+            shown = repr(version) if isinstance(version, int) else type(version).__name__
+            raise UnknownVersion(f"The certificate has unknown version {shown}.")
         if len(tbs) != 7:
             raise CertificateFormatError("The certificate body has the wrong number of fields.")
         _, username, public_key, role, serial, not_before, not_after = tbs

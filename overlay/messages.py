@@ -94,7 +94,10 @@ def _encode_value(value: Any) -> Any:
 def _scalar(kind: type) -> Validator:
     def check(value: Any, where: str) -> Any:
         if kind is float and isinstance(value, int) and not isinstance(value, bool):
-            return float(value)
+            try:
+                return float(value)
+            except OverflowError:
+                raise MessageError(f"{where} is too large for a float.") from None
         if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
             raise MessageError(f"{where} must be {kind.__name__}, not {type(value).__name__}.")
         return value

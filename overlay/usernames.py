@@ -27,8 +27,9 @@ def is_valid_username(name: str) -> bool:
 
 def canonical_username(name: str) -> str:
     """The canonical (lower-case) form, or ``InvalidUsername``."""
+    # ASCII is checked before lowering: "\u212a" (KELVIN SIGN) lowers to an ASCII "k".
     lowered = name.lower()
-    if not lowered.isascii() or not is_valid_username(lowered):
+    if not name.isascii() or not is_valid_username(lowered):
         raise InvalidUsername(
             f"{name!r} is not a valid username: use 3-32 characters of a-z, 0-9, '.', '_' and '-'."
         )
