@@ -138,7 +138,7 @@ class Account:
 
     def logout(self) -> dict[str, Any]:
         if self.state is not State.LOGGED_IN:
-            raise NotLoggedIn("Not logged in.")
+            raise NotLoggedIn()
         name = self.username
         self._logged_out(None)
         self.state_dir.forget_session()
@@ -158,6 +158,10 @@ class Account:
             self.state_dir.forget_session()
             return False
         if saved.certificate.public_key != identity.public_key:
+            self.last_error = (
+                f"Could not stay logged in as {saved.username}: the saved certificate is for "
+                "another key; log in again."
+            )
             self.state_dir.forget_session()
             return False
         self.stay_logged_in = True

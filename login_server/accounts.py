@@ -81,7 +81,16 @@ class AccountStore:
             self._db.execute("PRAGMA busy_timeout=5000")
             self._migrate()
         except sqlite3.Error as exc:
+            self._close_quietly()
             raise self._failure("open", exc) from None
+        except AccountStoreError:
+            self._close_quietly()
+            raise
+
+    def _close_quietly(self) -> None:
+        db = getattr(self, "_db", None)
+        if db is not None:
+            db.close()
 
     @classmethod
     def create(cls, path: Path) -> AccountStore:
@@ -98,7 +107,7 @@ class AccountStore:
         return cls(path)
 
     def _failure(self, doing: str, exc: sqlite3.Error) -> AccountStoreError:
-        reason = str(exc)
+        reason = str(exc).rstrip(".")
         if "readonly" in reason or "unable to open" in reason or "disk I/O" in reason:
             return AccountStoreError(f"Cannot write the account database {self.path}: {reason}.")
         return AccountStoreError(f"The account database {self.path} failed to {doing}: {reason}.")

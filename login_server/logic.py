@@ -115,9 +115,11 @@ class LoginServer:
             raise WeakPassword(f"Passwords need at least {PASSWORD_MIN} characters.")
         if len(request.password) > PASSWORD_MAX:
             raise WeakPassword(f"Passwords may have at most {PASSWORD_MAX} characters.")
+        # Every attempt that names a well-formed user counts, so probing which names exist
+        # is as limited as creating accounts.
+        self.registration_limiter.failed(source)
         if self.store.get(name) is not None:
             raise UsernameTaken(f"The username {name} is taken.")
-        self.registration_limiter.failed(source)  # counts attempts, successful or not
         password_hash = await self.run_slow(lambda: hash_password(request.password, self.hash_cost))
         self.store.add(name, password_hash, self.clock.seconds())
         self.counters["registered"] += 1

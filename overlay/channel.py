@@ -13,9 +13,9 @@ so each connection has fresh keys (forward secrecy).  ``transcript`` (a hash of 
 is what a client signs to prove possession of its identity key on *this* channel, so such a
 proof cannot be replayed on another connection.
 
-Sealed frames use ChaCha20-Poly1305 (IETF) with a 64-bit counter nonce per direction and the
-frame header as associated data; a frame out of order, replayed or altered fails to open and
-the connection is closed.
+Sealed frames use ChaCha20-Poly1305 (IETF) with a 64-bit counter nonce per direction; the whole
+inner frame, header included, is encrypted (no associated data is needed).  A frame out of
+order, replayed or altered fails to open and the connection is closed.
 """
 
 from __future__ import annotations
@@ -97,6 +97,10 @@ class Session:
         return Sealed(box)
 
     def open(self, sealed: Sealed) -> Message:
+        return decode(self.open_frame(sealed))
+
+    def open_frame(self, sealed: Sealed) -> Frame:
+        """The inner frame, not yet decoded (so a bad message can be named by its type)."""
         nonce = _NONCE_PREFIX + struct.pack("!Q", self.rx_counter)
         try:
             data = sodium.crypto_aead_chacha20poly1305_ietf_decrypt(
@@ -105,7 +109,7 @@ class Session:
         except (nacl.exceptions.CryptoError, nacl.exceptions.ValueError, ValueError):
             raise ChannelError("A sealed frame failed to decrypt (altered or replayed).") from None
         self.rx_counter += 1
-        return decode(Frame.parse(data, MAX_INNER_FRAME))
+        return Frame.parse(data, MAX_INNER_FRAME)
 
 
 class ClientHandshake:

@@ -18,7 +18,7 @@ from twisted.python.failure import Failure
 
 from overlay.channel import ChannelError, Sealed, Session
 from overlay.errors import ProtocolError
-from overlay.framing import MAX_PAYLOAD, FrameDecoder, FramingError
+from overlay.framing import MAX_PAYLOAD, FrameDecoder
 from overlay.messages import Error, Message, MessageError, decode, name_of
 
 
@@ -72,17 +72,18 @@ class FramedConnection(Protocol):
             return
         self._touch()
         try:
-            for frame in self.decoder.feed(data):
+            for outer in self.decoder.feed(data):
+                frame = outer
+                if self.session is not None:
+                    if outer.type != Sealed.TYPE:
+                        raise ChannelError(
+                            f"Got {name_of(outer.type)} in the clear after the handshake."
+                        )
+                    sealed = decode(outer)
+                    assert isinstance(sealed, Sealed)
+                    frame = self.session.open_frame(sealed)
                 try:
                     message = decode(frame)
-                    if self.session is not None:
-                        if not isinstance(message, Sealed):
-                            raise ChannelError(
-                                f"Got {message.NAME} in the clear after the handshake."
-                            )
-                        message = self.session.open(message)
-                except (FramingError, ChannelError):
-                    raise
                 except MessageError as exc:
                     # The stream is still in step: answer and carry on.
                     self.bad_message(name_of(frame.type), exc)

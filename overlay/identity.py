@@ -51,6 +51,8 @@ class KdfCost:
 #: The cheapest cost libsodium allows; for tests and benchmarks only.
 MIN_COST = KdfCost(nacl.pwhash.argon2id.OPSLIMIT_MIN, nacl.pwhash.argon2id.MEMLIMIT_MIN)
 DEFAULT_COST = KdfCost()
+#: A key file asking for more than this was not written by us (and would stall unlocking).
+MAX_COST = KdfCost(nacl.pwhash.argon2id.OPSLIMIT_SENSITIVE, nacl.pwhash.argon2id.MEMLIMIT_SENSITIVE)
 
 
 def verify_signature(public_key: bytes, message: bytes, signature: bytes) -> bool:
@@ -171,13 +173,15 @@ class KeyFile:
         if document.get("kdf") != "argon2id" or not (
             isinstance(salt, bytes)
             and len(salt) == nacl.pwhash.argon2id.SALTBYTES
-            and isinstance(ops, int)
-            and isinstance(mem, int)
+            and type(ops) is int
+            and type(mem) is int
             and isinstance(public_key, bytes)
             and len(public_key) == PUBLIC_KEY_SIZE
             and isinstance(sealed, bytes)
         ):
             raise KeyFileError(f"The {where} is damaged (bad fields).")
+        if not (MIN_COST.ops <= ops <= MAX_COST.ops and MIN_COST.mem <= mem <= MAX_COST.mem):
+            raise KeyFileError(f"The {where} asks for an unsupported argon2id cost.")
         return cls(salt, KdfCost(ops, mem), public_key, sealed)
 
     @classmethod

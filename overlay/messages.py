@@ -13,6 +13,7 @@ the modules that speak each protocol (``login_server/protocol.py`` for login).
 from __future__ import annotations
 
 import dataclasses
+import io
 import types
 import typing
 from collections.abc import Callable
@@ -187,10 +188,13 @@ def decode(frame: Frame) -> Message:
     cls = _REGISTRY.get(frame.type)
     if cls is None:
         raise UnknownMessageType(f"Unknown message type {frame.type:#06x}.")
+    stream = io.BytesIO(frame.payload)
     try:
-        document = cbor2.loads(frame.payload)
+        document = cbor2.CBORDecoder(stream).decode()
     except Exception:  # noqa: BLE001 - cbor2 raises many types on garbage
         raise MessageError(f"{cls.NAME} payload is not valid CBOR.") from None
+    if stream.tell() != len(frame.payload):
+        raise MessageError(f"{cls.NAME} payload has bytes after its CBOR map.")
     return cls.from_map(document)
 
 

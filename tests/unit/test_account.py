@@ -256,7 +256,7 @@ async def test_changed_password_at_the_server_makes_a_new_key_and_keeps_the_old(
 
 @pytest_twisted.ensureDeferred
 async def test_logout_when_not_logged_in(rig: Rig) -> None:
-    with pytest.raises(NotLoggedIn, match=r"^Not logged in\.$"):
+    with pytest.raises(NotLoggedIn, match=r"^Not logged in; run 'voipctl login NAME' first\.$"):
         rig.account.logout()
     await registered_and_logged_in(rig)
     assert rig.account.logout() == {"username": "alice"}

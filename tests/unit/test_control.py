@@ -304,7 +304,9 @@ async def test_daemon_serves_status_on_a_private_socket(short_dir: Path) -> None
             "last_error": None,
         }
         assert (await call(sock, "ping"))["pong"] is True
-        with pytest.raises(DaemonError, match=r"^Not logged in\.$") as info_logout:
+        with pytest.raises(
+            DaemonError, match=r"^Not logged in; run 'voipctl login NAME' first\.$"
+        ) as info_logout:
             await call(sock, "logout")
         assert info_logout.value.code == "not-logged-in"
         with pytest.raises(DaemonError, match=r"^The request lacks 'password'\.$") as bad:

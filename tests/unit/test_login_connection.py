@@ -319,11 +319,6 @@ def test_a_known_message_with_bad_fields_is_answered_and_the_connection_goes_on(
     wire.ping()
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="Session.open decodes the inner frame itself, so FramedConnection can only name "
-    "the outer 'sealed' frame; needs overlay/channel.py to hand back the inner frame",
-)
 def test_errors_for_bad_sealed_messages_name_the_inner_request(
     ls: LoginServerFixture, factory: LoginServerFactory
 ) -> None:

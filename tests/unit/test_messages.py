@@ -293,3 +293,9 @@ def test_decode_raises_only_protocol_errors_behind_cbor_tags(code: int, body: by
 def test_parse_datagram_raises_only_protocol_errors(data: bytes) -> None:
     with contextlib.suppress(ProtocolError):
         parse_datagram(b"\x01" + data)
+
+
+def test_bytes_after_the_cbor_map_are_refused() -> None:
+    payload = bytes(Ping(7).to_frame().payload) + b"\x00"
+    with pytest.raises(ProtocolError, match=r"^ping payload has bytes after its CBOR map\.$"):
+        decode(Frame(Ping.TYPE, payload))
