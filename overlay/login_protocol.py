@@ -46,7 +46,7 @@ class Register(Message):
     password: str
 
 
-@message(0x0021, "registered")
+@message(0x0021, "registered", reply=True)
 class Registered(Message):
     rid: int
     username: str
@@ -61,7 +61,7 @@ class Login(Message):
     proof: bytes
 
 
-@message(0x0023, "certificate")
+@message(0x0023, "certificate", reply=True)
 class CertificateReply(Message):
     rid: int
     certificate: bytes

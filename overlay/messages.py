@@ -72,6 +72,8 @@ class Record:
 class Message(Record):
     TYPE: ClassVar[int] = -1
     NAME: ClassVar[str] = "?"
+    #: True for replies (pong, error, ...): a datagram endpoint routes them to the waiting request.
+    REPLY: ClassVar[bool] = False
 
     def to_frame(self) -> Frame:
         return Frame(self.TYPE, bytes(cbor2.dumps(self.to_map(), canonical=True)))
@@ -167,13 +169,14 @@ def record(cls: type[R]) -> type[R]:
 
 
 @dataclass_transform(frozen_default=True)
-def message(type_code: int, name: str) -> Callable[[type[M]], type[M]]:
+def message(type_code: int, name: str, *, reply: bool = False) -> Callable[[type[M]], type[M]]:
     """Class decorator: a frozen dataclass registered under ``type_code``."""
 
     def register(cls: type[M]) -> type[M]:
         if type_code in _REGISTRY or name in _BY_NAME:
             raise ValueError(f"message type {type_code:#06x}/{name} registered twice")
         cls.TYPE = type_code
+        cls.REPLY = reply
         cls.NAME = name
         _prepare(dataclasses.dataclass(frozen=True)(cls))
         _REGISTRY[type_code] = cls
@@ -214,7 +217,7 @@ def name_of(type_code: int) -> str:
 # -- messages common to every protocol ----------------------------------------------------
 
 
-@message(0x0001, "error")
+@message(0x0001, "error", reply=True)
 class Error(Message):
     """The reply to a request that failed: names the request and says why."""
 
@@ -230,7 +233,7 @@ class Ping(Message):
     rid: int
 
 
-@message(0x0003, "pong")
+@message(0x0003, "pong", reply=True)
 class Pong(Message):
     rid: int
     time: float
