@@ -146,8 +146,15 @@ class Account:
 
     def restore(self) -> bool:
         """At start-up: log in again from a saved session, if the user chose to stay."""
+        if not self.state_dir.session_path.exists():
+            return False
         saved = self.state_dir.load_session()
         if saved is None:
+            self.last_error = (
+                f"The saved session {self.state_dir.session_path} is damaged; log in again."
+            )
+            self.log.warn("{error}", error=self.last_error)
+            self.state_dir.forget_session()
             return False
         try:
             identity = KeyFile.read(self.state_dir.key_path(saved.username)).unlock(saved.file_key)

@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import os
 import socket
+import stat
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -160,9 +161,16 @@ def _prepare_socket(path: Path) -> None:
             f"The socket path {path} is longer than {MAX_SOCKET_PATH} bytes; "
             "use a shorter --state or --socket."
         )
-    path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
-    if not path.exists():
+    try:
+        path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+        info = path.lstat()
+    except FileNotFoundError:
         return
+    except OSError as exc:
+        raise StateError(f"Cannot make the socket {path}: {exc.strerror}.") from None
+    if not stat.S_ISSOCK(info.st_mode):
+        # Never unlink what is not a socket: --socket may name a user's file by mistake.
+        raise StateError(f"{path} exists and is not a socket; not replacing it.")
     probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     try:
         probe.connect(str(path))
@@ -181,6 +189,8 @@ def config_from_args(args: argparse.Namespace) -> tuple[DaemonConfig, StateDir]:
     state.lock()
     saved = state.load_config()
     login_server = args.login_server or saved.get("login_server")
+    if login_server is not None and not isinstance(login_server, str):
+        raise StateError(f"{state.path / 'config.json'} is damaged; run voipd with --login-server.")
     if not login_server:
         raise StateError("voipd needs --login-server HOST:PORT the first time it runs.")
     parse_address(login_server)
@@ -210,7 +220,8 @@ def run(args: argparse.Namespace) -> int:
     try:
         daemon.startService()
     except CannotListenError as exc:
-        raise StateError(f"Cannot listen on {config.socket}: {exc.socketError}.") from None
+        reason = getattr(exc.socketError, "strerror", None) or exc.socketError
+        raise StateError(f"Cannot listen on {config.socket}: {reason}.") from None
     reactor.addSystemEventTrigger("before", "shutdown", daemon.stopService)
     reactor.addSystemEventTrigger("after", "shutdown", state.unlock)
     print(
@@ -224,7 +235,10 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _start_logging(target: str) -> None:
-    stream = sys.stderr if target == "-" else open(target, "a", encoding="utf-8")  # noqa: SIM115
+    try:
+        stream = sys.stderr if target == "-" else open(target, "a", encoding="utf-8")  # noqa: SIM115
+    except OSError as exc:
+        raise StateError(f"Cannot write the log file {target}: {exc.strerror}.") from None
     observer = FileLogObserver(stream, lambda event: formatEventAsClassicLogText(event) or "")
     globalLogBeginner.beginLoggingTo([observer], redirectStandardIO=False)
 

@@ -24,6 +24,8 @@ from overlay.terminal import print_json, read_password, run_command
 
 PROGRAM = "voipctl"
 DEFAULT_TIMEOUT = 120.0
+#: Commands that only read the daemon's state answer at once; a daemon that does not is stuck.
+QUICK_TIMEOUT = 10.0
 START_HINT = "voipd --state DIR --login-server HOST:PORT --ca PATH/TO/ca.pub &"
 
 
@@ -169,7 +171,7 @@ def _progress(args: argparse.Namespace) -> Callable[[str], None]:
 
 
 def cmd_status(args: argparse.Namespace) -> int:
-    result = call(args.socket, "status")
+    result = call(args.socket, "status", timeout=QUICK_TIMEOUT)
     if args.json:
         print_json(result)
     else:
@@ -208,7 +210,7 @@ def cmd_login(args: argparse.Namespace) -> int:
 
 
 def cmd_logout(args: argparse.Namespace) -> int:
-    result = call(args.socket, "logout")
+    result = call(args.socket, "logout", timeout=QUICK_TIMEOUT)
     if args.json:
         print_json(result)
     else:

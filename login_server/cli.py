@@ -144,7 +144,8 @@ def cmd_run(args: argparse.Namespace) -> int:
     try:
         service.startService()  # type: ignore[no-untyped-call]
     except CannotListenError as exc:
-        raise UsageError(f"Cannot listen on {listen}: {exc.socketError}.") from None
+        reason = getattr(exc.socketError, "strerror", None) or exc.socketError
+        raise UsageError(f"Cannot listen on {listen}: {reason}.") from None
     _log_to_stderr()
     reactor.addSystemEventTrigger("before", "shutdown", service.stopService)
     registration = "open" if args.open_registration else "closed"

@@ -22,7 +22,17 @@ import time
 from pathlib import Path
 from typing import Any
 
-from tools.processes import Child, ProcessError, module_command, run
+from tools.processes import (
+    LOGIN_SERVER,
+    VOIPCTL,
+    VOIPD,
+    Processes,
+    ProcessFailure,
+    init_login_data,
+    run,
+    start_login_server,
+    start_voipd,
+)
 
 USER = "alice"
 
@@ -35,10 +45,10 @@ def say(text: str) -> None:
     print(text, flush=True)
 
 
-def step(title: str, argv: list[str], *, input: str | None = None) -> str:
-    shown = " ".join(a if "/" not in a else Path(a).name for a in argv[2:])
-    say(f"\n$ {shown}")
-    result = run(argv, input=input)
+def step(title: str, module: str, *args: str, input: str | None = None) -> str:
+    shown = {LOGIN_SERVER: "voip-login-server", VOIPCTL: "voipctl", VOIPD: "voipd"}[module]
+    say(f"\n$ {shown} " + " ".join(a if "/" not in a else Path(a).name for a in args))
+    result = run(module, *args, input=input)
     output = (result.stderr + result.stdout).rstrip()
     if output:
         say("  " + output.replace("\n", "\n  "))
@@ -47,87 +57,70 @@ def step(title: str, argv: list[str], *, input: str | None = None) -> str:
     return result.stdout
 
 
-def voipctl(sock: Path, *args: str) -> list[str]:
-    return module_command("client.voipctl", "--socket", str(sock), *args)
-
-
 def demo(work: Path) -> dict[str, Any]:
-    children: list[Child] = []
+    processes = Processes(work)
     password = secrets.token_urlsafe(12)
-    data, state = work / "ls", work / "alice"
-    sock = state / "voipd.sock"
+    state = work / "alice"
     try:
         say("== A login server (the CA that vouches for users)")
-        step("init", module_command("login_server.cli", "init", "--data", str(data)))
-        server = Child(
-            "login-server",
-            module_command(
-                "login_server.cli",
-                "run",
-                "--data",
-                str(data),
-                "--port",
-                "0",
-                "--interface",
-                "127.0.0.1",
-                "--open-registration",
-            ),
-            ready=r"serving on (\S+):(\d+)",
-        )
-        children.append(server)
-        assert server.match is not None
-        address = f"{server.match.group(1)}:{server.match.group(2)}"
-        say(f"  login server pid {server.pid} serving on {address}")
+        data = init_login_data(work / "ls")
+        server = start_login_server(processes, data, hash_cost="interactive")
+        say(f"  voip-login-server pid {server.process.pid} serving on {server.address}")
 
         say(f"\n== {USER}'s node: voipd holds her keys; voipctl talks only to it")
-        daemon_argv = module_command(
-            "client.daemon",
-            "--state",
-            str(state),
-            "--login-server",
-            address,
-            "--ca",
-            str(data / "ca.pub"),
+        daemon = start_voipd(
+            processes, state, "--login-server", server.address, "--ca", server.ca_pub
         )
-        daemon = Child("voipd", daemon_argv, ready=r"ready on")
-        children.append(daemon)
-        say(f"  voipd pid {daemon.pid}, control socket {sock.name} (mode 0600)")
-
-        step("register", voipctl(sock, "register", USER, "--password-stdin"), input=password + "\n")
+        sock = str(daemon.socket)
+        say(f"  voipd pid {daemon.process.pid}, control socket {daemon.socket.name} (mode 0600)")
         step(
-            "login",
-            voipctl(sock, "login", USER, "--password-stdin", "--stay-logged-in"),
+            "register",
+            VOIPCTL,
+            "--socket",
+            sock,
+            "register",
+            USER,
+            "--password-stdin",
             input=password + "\n",
         )
-        step("status", voipctl(sock, "status"))
+        step(
+            "login",
+            VOIPCTL,
+            "--socket",
+            sock,
+            "login",
+            USER,
+            "--password-stdin",
+            "--stay-logged-in",
+            input=password + "\n",
+        )
+        step("status", VOIPCTL, "--socket", sock, "status")
 
         say("\n== Restart voipd: she chose to stay logged in, so no password is asked")
-        daemon.stop()
-        daemon = Child(
-            "voipd", module_command("client.daemon", "--state", str(state)), ready=r"ready on"
-        )
-        children.append(daemon)
-        status = json.loads(step("status --json", voipctl(sock, "status", "--json")))
+        daemon.process.stop()
+        daemon = start_voipd(processes, state)
+        status = json.loads(step("status", VOIPCTL, "--socket", sock, "status", "--json"))
         if status["account"]["state"] != "logged-in":
             raise DemoFailed("voipd did not stay logged in across the restart")
 
         say("\n== A wrong password is refused with one clear line")
-        wrong = run(voipctl(sock, "login", USER, "--password-stdin"), input="not-the-password\n")
-        say("  " + (wrong.stdout + wrong.stderr).strip().replace("\n", "\n  "))
+        wrong = run(
+            VOIPCTL, "--socket", sock, "login", USER, "--password-stdin", input="not-the-password\n"
+        )
+        say("  " + (wrong.stderr + wrong.stdout).strip().replace("\n", "\n  "))
 
-        step("logout", voipctl(sock, "logout"))
+        step("logout", VOIPCTL, "--socket", sock, "logout")
         return {
             "ok": True,
-            "login_server": address,
+            "login_server": server.address,
             "user": USER,
             "certificate_serial": status["account"]["certificate"]["serial"],
             "stayed_logged_in": True,
         }
-    except ProcessError as exc:
+    except ProcessFailure as exc:
         raise DemoFailed(str(exc)) from None
     finally:
-        for child in reversed(children):
-            child.close()
+        processes.stop_all()
 
 
 def main(argv: list[str] | None = None) -> int:

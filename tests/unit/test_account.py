@@ -544,3 +544,12 @@ def test_an_account_starts_logged_out(rig: Rig) -> None:
         "stay_logged_in": False,
         "last_error": None,
     }
+
+
+def test_a_damaged_session_file_is_reported_and_removed(rig: Rig) -> None:
+    rig.account.state_dir.session_path.write_bytes(b"\x00not a session")
+    assert rig.account.restore() is False
+    assert rig.account.last_error == (
+        f"The saved session {rig.account.state_dir.session_path} is damaged; log in again."
+    )
+    assert not rig.account.state_dir.session_path.exists()
