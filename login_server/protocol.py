@@ -40,7 +40,13 @@ class LoginServerConnection(FramedConnection):
                 self.send_error(0, message.NAME, ProtocolError("Expected hello first."))
                 self.close()
                 return
-            reply, session = server_handshake(self.server.ca_key, message, self.clock.seconds())
+            try:
+                reply, session = server_handshake(self.server.ca_key, message, self.clock.seconds())
+            except ProtocolError as exc:
+                self.server.counters["bad-messages"] += 1
+                self.send_error(0, message.NAME, exc)
+                self.close()
+                return
             self.send(reply)  # in the clear; everything after it is sealed
             self.session = session
             self.idle_timeout = IDLE_TIMEOUT

@@ -384,6 +384,7 @@ def test_a_hello_with_a_bad_key_closes_the_connection(
     wire = Wire(factory, ls.ca_public)
     wire.send(Hello(b"short"))
     error = _error(wire.one())
+    assert (error.request, error.code) == ("hello", "channel-error")
     assert error.message == "The client's handshake key has the wrong size."
     assert not wire.open
 
