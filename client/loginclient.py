@@ -8,7 +8,7 @@ server and its address.
 
 from __future__ import annotations
 
-import itertools
+import builtins
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -21,8 +21,8 @@ from twisted.internet.protocol import Factory
 from twisted.python.failure import Failure
 
 from overlay.certificate import SignedCertificate
-from overlay.channel import ClientHandshake, HelloReply, ServerNotTrusted
-from overlay.connection import FramedConnection
+from overlay.channel import ServerNotTrusted
+from overlay.connection import ClientConnection
 from overlay.errors import ProtocolError, VoipError
 from overlay.identity import IdentityKey
 from overlay.login_protocol import (
@@ -68,63 +68,17 @@ def parse_address(text: str) -> tuple[str, int]:
     return host.strip("[]"), int(port)
 
 
-class _Connection(FramedConnection):
+class _Connection(ClientConnection):
     def __init__(self, clock: IReactorTime, pinned_key: bytes, timeout: float) -> None:
-        super().__init__(clock, timeout)
-        self.handshake = ClientHandshake(pinned_key)
-        self.ready: Deferred[_Connection] = Deferred()
-        self.replies: dict[int, Deferred[Message]] = {}
-        self.rids = itertools.count(1)
-        self.failure: Exception | None = None
+        super().__init__(clock, pinned_key, timeout, peer="the login server")
 
-    def connectionMade(self) -> None:
-        super().connectionMade()
-        self.send(self.handshake.hello())
-
-    def message_received(self, message: Message) -> None:
-        if self.session is None:
-            if not isinstance(message, HelloReply):
-                self._fail(
-                    ProtocolError(f"The login server sent {message.NAME} instead of hello-reply.")
-                )
-                return
-            try:
-                self.session = self.handshake.finish(message)
-            except ServerNotTrusted:
-                self._fail(LoginServerNotTrusted())
-                return
-            except ProtocolError as exc:
-                self._fail(exc)
-                return
-            self.ready.callback(self)
-            return
-        rid = getattr(message, "rid", None)
-        waiter = self.replies.pop(rid, None) if isinstance(rid, int) else None
-        if waiter is not None:
-            waiter.callback(message)
-
-    def request(self, build: Callable[[int], Message]) -> Deferred[Message]:
-        rid = next(self.rids)
-        waiter: Deferred[Message] = Deferred()
-        self.replies[rid] = waiter
-        self.send(build(rid))
-        return waiter
-
-    def _fail(self, exc: Exception) -> None:
-        self.failure = exc
-        self.close()
-
-    def timed_out(self) -> None:
-        # The same "did not answer" as the request's own timeout, whichever fires first.
-        self._fail(TimeoutError())
+    def fail(self, exc: Exception) -> None:
+        super().fail(LoginServerNotTrusted() if isinstance(exc, ServerNotTrusted) else exc)
 
     def connection_closed(self, reason: Failure | None) -> None:
-        exc = self.failure or LoginServerUnreachable("The login server closed the connection.")
-        if not self.ready.called:
-            self.ready.errback(exc)
-        for waiter in self.replies.values():
-            waiter.errback(exc)
-        self.replies.clear()
+        if self.failure is None:
+            self.failure = LoginServerUnreachable("The login server closed the connection.")
+        super().connection_closed(reason)
 
 
 class LoginClient:
@@ -158,7 +112,9 @@ class LoginClient:
             return exc
         if isinstance(exc, net_error.ConnectionRefusedError):
             return LoginServerUnreachable(f"Cannot reach {at}: connection refused.")
-        if isinstance(exc, TimeoutError | CancelledError | net_error.TimeoutError):
+        if isinstance(
+            exc, TimeoutError | builtins.TimeoutError | CancelledError | net_error.TimeoutError
+        ):
             return LoginServerUnreachable(
                 f"{at[0].upper()}{at[1:]} did not answer within {self.timeout:g} s."
             )

@@ -62,6 +62,8 @@ class HelloReply(Message):
     server_eph: bytes
     signature: bytes
     time: float
+    #: A supernode shows its supernode certificate here; the login server sends none.
+    certificate: bytes | None = None
 
 
 @message(0x0012, "sealed")
@@ -138,7 +140,7 @@ class ClientHandshake:
 
 
 def server_handshake(
-    server_key: IdentityKey, hello: Hello, now: float
+    server_key: IdentityKey, hello: Hello, now: float, certificate: bytes | None = None
 ) -> tuple[HelloReply, Session]:
     """The server's half: answer ``hello`` and derive the session."""
     if len(hello.client_eph) != sodium.crypto_kx_PUBLIC_KEY_BYTES:
@@ -150,4 +152,4 @@ def server_handshake(
     except (nacl.exceptions.CryptoError, nacl.exceptions.ValueError):
         raise ChannelError("The client's handshake key is not usable.") from None
     session = Session(tx, rx, _transcript(hello.client_eph, public, signature))
-    return HelloReply(public, signature, now), session
+    return HelloReply(public, signature, now, certificate), session

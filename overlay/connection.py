@@ -9,15 +9,18 @@ injected clock.  Subclasses implement ``message_received``.
 
 from __future__ import annotations
 
+import itertools
+from collections.abc import Callable
 from typing import Any
 
+from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.internet.protocol import Protocol
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
-from overlay.channel import ChannelError, Sealed, Session
-from overlay.errors import ProtocolError
+from overlay.channel import ChannelError, ClientHandshake, HelloReply, Sealed, Session
+from overlay.errors import ProtocolError, VoipError
 from overlay.framing import MAX_PAYLOAD, FrameDecoder
 from overlay.messages import Error, Message, MessageError, decode, name_of
 
@@ -114,3 +117,90 @@ class FramedConnection(Protocol):
         code = getattr(exc, "code", "error")
         retry_after = getattr(exc, "retry_after", None)
         self.send(Error(rid, request, code, str(exc), retry_after))
+
+
+class ConnectionClosed(VoipError):
+    """The peer closed the connection."""
+
+    code = "connection-closed"
+
+
+class ClientConnection(FramedConnection):
+    """The connecting side: handshake against a pinned key, then requests matched by ``rid``.
+
+    ``ready`` fires once the server proved its key (``ServerNotTrusted`` otherwise).  Replies
+    go to the request that waits for them; requests the server pushes go to ``on_request``.
+    When the connection ends, every waiter fails with the reason (``failure`` if one was set).
+    """
+
+    def __init__(
+        self, clock: IReactorTime, pinned_key: bytes, idle_timeout: float, peer: str = "the peer"
+    ) -> None:
+        super().__init__(clock, idle_timeout)
+        self.peer = peer
+        self.handshake = ClientHandshake(pinned_key)
+        self.ready: Deferred[ClientConnection] = Deferred()
+        self.replies: dict[int, Deferred[Message]] = {}
+        self.rids = itertools.count(1)
+        self.failure: Exception | None = None
+        self.hello_reply: HelloReply | None = None
+
+    def connectionMade(self) -> None:
+        super().connectionMade()
+        self.send(self.handshake.hello())
+
+    def check_hello(self, reply: HelloReply) -> None:
+        """Hook: further checks of the server's hello-reply (raise ``ProtocolError``)."""
+
+    def message_received(self, message: Message) -> None:
+        if self.session is None:
+            if not isinstance(message, HelloReply):
+                self.fail(ProtocolError(f"{self.peer} sent {message.NAME} instead of hello-reply."))
+                return
+            try:
+                session = self.handshake.finish(message)
+                self.check_hello(message)
+            except ProtocolError as exc:
+                self.fail(exc)
+                return
+            self.session = session
+            self.hello_reply = message
+            self.ready.callback(self)
+            return
+        if not message.REPLY:
+            self.on_request(message)
+            return
+        rid = getattr(message, "rid", None)
+        waiter = self.replies.pop(rid, None) if isinstance(rid, int) else None
+        if waiter is not None:
+            waiter.callback(message)
+
+    def on_request(self, message: Message) -> None:
+        """Hook: a request the server pushed.  By default it is refused."""
+        rid = getattr(message, "rid", 0)
+        self.send_error(rid, message.NAME, ProtocolError(f"{message.NAME} is not expected here."))
+
+    def request(self, build: Callable[[int], Message]) -> Deferred[Message]:
+        rid = next(self.rids)
+        waiter: Deferred[Message] = Deferred()
+        self.replies[rid] = waiter
+        self.send(build(rid))
+        return waiter
+
+    def fail(self, exc: Exception) -> None:
+        self.failure = exc
+        self.close()
+
+    def timed_out(self) -> None:
+        # The same "did not answer" as a request's own timeout, whichever fires first.
+        self.fail(TimeoutError())
+
+    def connection_closed(self, reason: Failure | None) -> None:
+        exc = self.failure or ConnectionClosed(
+            f"{self.peer[0].upper()}{self.peer[1:]} closed the connection."
+        )
+        if not self.ready.called:
+            self.ready.errback(exc)
+        for waiter in self.replies.values():
+            waiter.errback(exc)
+        self.replies.clear()

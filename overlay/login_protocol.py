@@ -37,6 +37,8 @@ class Contact(Record):
     host: str
     port: int
     udp_port: int | None = None
+    #: The supernode's node key, pinned when connecting to it.
+    node_id: bytes | None = None
 
 
 @message(0x0020, "register")

@@ -1,0 +1,281 @@
+"""The asking node's iterative search for a user's presence record.
+
+Transport-agnostic: the caller supplies ``ask(sn, username)``, which returns a Deferred firing
+with the supernode's reply.  The search runs in rounds, like an iterative DNS resolution:
+
+======  ============================================================================
+round   what happens
+======  ============================================================================
+1       ask ``start`` (normally the node's own supernode), up to ``parallel`` at once
+2, 3    ask the contacts the previous round's referrals named, up to ``parallel`` at once
+======  ============================================================================
+
+Each reply is one of:
+
+- ``Found(records)``: the supernode serves the key; every record is checked with ``verify``
+  (a bad one raises ``ProtocolError``, is counted in ``bad_records`` and ignored);
+- ``Referral(contacts, level)``: supernodes closer to the key ("block", then "slot" level);
+- ``NotFound()``: the supernode serves the key and has no record for it.
+
+A round waits for all its asks (each bounded by ``timeout`` on the clock), so that when several
+replicas answer, the record with the highest ``sequence`` wins.  If none of a round's first
+``parallel`` asks gives anything useful (all failed, timed out or sent only bad records), up to
+``fallback`` more of that round's candidates are tried, still at most ``parallel`` at a time.
+The search ends at the first round with a valid record (``classify`` then says "found" or
+"offline"), when there is nobody new to ask, or after ``max_rounds`` rounds.  No supernode is
+asked twice.  The outcome is "not-found" only when a supernode serving the key said so and no
+valid record came; otherwise a search that learned nothing definitive has "failed".
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Literal, TypeAlias
+
+from twisted.internet.defer import (
+    CancelledError,
+    Deferred,
+    DeferredList,
+    DeferredSemaphore,
+    TimeoutError,
+    maybeDeferred,
+    succeed,
+)
+from twisted.internet.interfaces import IReactorTime
+from twisted.python.failure import Failure
+
+from overlay.errors import ProtocolError
+from overlay.messages import Record, record
+from overlay.slotmap import SupernodeInfo
+
+LEVEL_BLOCK = "block"
+LEVEL_SLOT = "slot"
+Outcome: TypeAlias = Literal["found", "offline", "not-found", "failed"]
+
+
+@record
+class Found(Record):
+    """The supernode serves the key: here are the records it holds (normally one)."""
+
+    records: tuple[bytes, ...]
+
+
+@record
+class Referral(Record):
+    """The supernode does not serve the key: ask these, which are closer to it."""
+
+    contacts: tuple[SupernodeInfo, ...]
+    level: str
+
+
+@record
+class NotFound(Record):
+    """The supernode serves the key and holds no record for it."""
+
+
+Reply: TypeAlias = Found | Referral | NotFound
+Ask: TypeAlias = Callable[[SupernodeInfo, str], Deferred[Reply]]
+
+
+@dataclass
+class SearchResult:
+    outcome: Outcome
+    record: Any | None = None
+    rounds: int = 0
+    asked: int = 0
+    elapsed: float = 0.0
+    bad_records: int = 0
+    timeouts: int = 0
+    #: asks that failed otherwise (connection lost, error reply, unexpected reply)
+    errors: int = 0
+    #: the node ids asked, one list per round, in the order asked
+    path: list[list[bytes]] = field(default_factory=list)
+
+
+@dataclass
+class _Answer:
+    sn: SupernodeInfo
+    reply: Reply | None = None  # None: the ask failed or timed out (so far)
+    valid: list[tuple[bytes, Any]] = field(default_factory=list)  # (blob, verified record)
+
+    @property
+    def useful(self) -> bool:
+        """Did this answer teach anything (bad records teach nothing)?"""
+        if isinstance(self.reply, Referral):
+            return bool(self.reply.contacts)
+        return bool(self.valid) or isinstance(self.reply, NotFound)
+
+
+class _Search:
+    def __init__(
+        self,
+        clock: IReactorTime,
+        *,
+        username: str,
+        ask: Ask,
+        verify: Callable[[bytes], Any],
+        parallel: int,
+        fallback: int,
+        timeout: float,
+    ) -> None:
+        self.clock = clock
+        self.username = username
+        self.ask = ask
+        self.verify = verify
+        self.parallel = parallel
+        self.fallback = fallback
+        self.timeout = timeout
+        self.asked: set[bytes] = set()
+        self.bad: set[bytes] = set()
+        self.result = SearchResult(outcome="failed")
+        self.heard_not_found = False
+
+    async def round(self, candidates: list[SupernodeInfo]) -> tuple[list[Any], list[_Answer]]:
+        """Ask one round's candidates; the valid records (in ask order) and all answers."""
+        self.result.rounds += 1
+        self.result.path.append([])
+        answers: list[_Answer] = []
+        first, rest = candidates[: self.parallel], candidates[self.parallel :]
+        await self.batch(first, answers, stop_when_useful=False)
+        if rest and not any(a.useful for a in answers):
+            await self.batch(rest[: self.fallback], answers, stop_when_useful=True)
+        valid: dict[bytes, Any] = {}
+        for answer in answers:
+            for blob, verified in answer.valid:
+                valid.setdefault(blob, verified)
+        return list(valid.values()), answers
+
+    async def batch(
+        self, batch: list[SupernodeInfo], answers: list[_Answer], *, stop_when_useful: bool
+    ) -> None:
+        """Ask ``batch`` with at most ``parallel`` asks outstanding; fill ``answers``."""
+        window = DeferredSemaphore(self.parallel)
+
+        def one(sn: SupernodeInfo) -> Deferred[None]:
+            if stop_when_useful and any(a.useful for a in answers):
+                return succeed(None)
+            return self.ask_one(sn, answers)
+
+        outcomes = await DeferredList([window.run(one, sn) for sn in batch], consumeErrors=True)
+        for _, value in outcomes:
+            if isinstance(value, Failure):  # cancelled, or a bug in verify: not hidden
+                value.raiseException()
+
+    def ask_one(self, sn: SupernodeInfo, answers: list[_Answer]) -> Deferred[None]:
+        self.asked.add(sn.node_id)
+        self.result.asked += 1
+        self.result.path[-1].append(sn.node_id)
+        answer = _Answer(sn)
+        answers.append(answer)
+        asking: Deferred[Reply] = maybeDeferred(self.ask, sn, self.username)
+        asking.addTimeout(self.timeout, self.clock)
+
+        def replied(reply: object) -> None:
+            if not isinstance(reply, Found | Referral | NotFound):
+                self.result.errors += 1
+                return
+            answer.reply = reply
+            if isinstance(reply, NotFound):
+                self.heard_not_found = True
+            elif isinstance(reply, Found):
+                for blob in reply.records:
+                    ok, verified = self.check(blob)
+                    if ok:
+                        answer.valid.append((blob, verified))
+
+        def failed(failure: Failure) -> Failure | None:
+            if isinstance(failure.value, CancelledError):  # the search itself was cancelled
+                return failure
+            if isinstance(failure.value, TimeoutError):
+                self.result.timeouts += 1
+            else:
+                self.result.errors += 1
+            return None
+
+        return asking.addCallbacks(replied, failed)
+
+    def check(self, blob: bytes) -> tuple[bool, Any]:
+        """(True, the verified record), or (False, None) for a bad one (counted once)."""
+        if blob in self.bad:
+            return False, None
+        try:
+            return True, self.verify(blob)
+        except ProtocolError:
+            self.bad.add(blob)
+            self.result.bad_records += 1
+            return False, None
+
+    def next_candidates(self, answers: list[_Answer]) -> list[SupernodeInfo]:
+        """Referral contacts of a round, merged in order, without anyone asked already."""
+        contacts = (
+            contact
+            for answer in answers
+            if isinstance(answer.reply, Referral)
+            for contact in answer.reply.contacts
+        )
+        return _unique(c for c in contacts if c.node_id not in self.asked)
+
+
+def _unique(infos: Iterable[SupernodeInfo]) -> list[SupernodeInfo]:
+    """``infos`` without repeated node ids, first occurrence kept, order kept."""
+    merged: dict[bytes, SupernodeInfo] = {}
+    for info in infos:
+        merged.setdefault(info.node_id, info)
+    return list(merged.values())
+
+
+def newest(records: Sequence[Any]) -> Any:
+    """The record with the highest ``sequence`` (the first one on ties or without one)."""
+    best = records[0]
+    for candidate in records[1:]:
+        mine, theirs = getattr(best, "sequence", None), getattr(candidate, "sequence", None)
+        if isinstance(theirs, int) and (not isinstance(mine, int) or theirs > mine):
+            best = candidate
+    return best
+
+
+async def iterative_search(  # noqa: PLR0917 - the signature its callers were promised
+    clock: IReactorTime,
+    username: str,
+    start: Sequence[SupernodeInfo],
+    ask: Ask,
+    verify: Callable[[bytes], Any],
+    classify: Callable[[Any], str],
+    *,
+    parallel: int = 4,
+    fallback: int = 8,
+    timeout: float = 2.0,
+    max_rounds: int = 3,
+) -> SearchResult:
+    """Search ``username``'s presence record, starting at ``start``; never raises for the
+    network's sake (a bug in ``verify`` or ``classify`` does propagate)."""
+    if parallel < 1 or fallback < 0 or max_rounds < 1 or timeout <= 0:
+        raise ValueError("parallel and max_rounds must be >= 1, fallback >= 0, timeout > 0")
+    began = clock.seconds()
+    search = _Search(
+        clock,
+        username=username,
+        ask=ask,
+        verify=verify,
+        parallel=parallel,
+        fallback=fallback,
+        timeout=timeout,
+    )
+    result = search.result
+    candidates = _unique(start)
+    while candidates and result.rounds < max_rounds:
+        valid, answers = await search.round(candidates)
+        if valid:
+            chosen = newest(valid)
+            outcome = classify(chosen)
+            if outcome not in ("found", "offline"):
+                raise ValueError(f"classify returned {outcome!r}, not 'found' or 'offline'")
+            result.outcome = "found" if outcome == "found" else "offline"
+            result.record = chosen
+            break
+        candidates = search.next_candidates(answers)
+    else:
+        result.outcome = "not-found" if search.heard_not_found else "failed"
+    result.elapsed = clock.seconds() - began
+    return result
