@@ -54,6 +54,24 @@ def build_parser() -> argparse.ArgumentParser:
     )
     run.add_argument("--listen", help="a Twisted endpoint string; overrides --port/--interface")
     run.add_argument(
+        "--min-supernodes",
+        type=int,
+        default=10,
+        help="admit volunteers until the overlay has this many supernodes (default 10)",
+    )
+    run.add_argument(
+        "--max-nodes-per-supernode",
+        type=int,
+        default=400,
+        help="beyond this many attached nodes per supernode (on average), admit more (default 400)",
+    )
+    run.add_argument(
+        "--supernode-timeout",
+        type=parse_duration,
+        default=90,
+        help="evict a supernode silent this long (default 90s)",
+    )
+    run.add_argument(
         "--open-registration", action="store_true", help="let anyone create an account"
     )
     run.add_argument(
@@ -139,6 +157,10 @@ def cmd_run(args: argparse.Namespace) -> int:
         open_registration=args.open_registration,
         cert_lifetime=args.cert_lifetime,
         hash_cost=COSTS[args.hash_cost],
+        udp_interface=args.interface,
+        min_supernodes=args.min_supernodes,
+        max_ons_per_supernode=args.max_nodes_per_supernode,
+        supernode_timeout=float(args.supernode_timeout),
     )
     service = makeService(config, reactor)
     try:

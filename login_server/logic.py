@@ -16,6 +16,7 @@ from twisted.logger import Logger
 
 from login_server.accounts import AccountStore, check_password, hash_password
 from login_server.ratelimit import FailureLimiter
+from login_server.registry import SupernodeRegistry
 from overlay import certificate
 from overlay.certificate import Expired, Role, SignedCertificate
 from overlay.errors import CertificateError
@@ -81,7 +82,8 @@ class LoginServer:
         open_registration: bool = False,
         cert_lifetime: int = certificate.DEFAULT_LIFETIME,
         hash_cost: KdfCost = DEFAULT_COST,
-        bootstrap: Callable[[], Sequence[Contact]] = tuple,
+        bootstrap: Callable[[], Sequence[Contact]] | None = None,
+        registry: SupernodeRegistry | None = None,
         account_failures: tuple[int, float] = (5, 300.0),
         source_failures: tuple[int, float] = (20, 300.0),
         source_registrations: tuple[int, float] = (10, 3600.0),
@@ -93,6 +95,9 @@ class LoginServer:
         self.open_registration = open_registration
         self.cert_lifetime = cert_lifetime
         self.hash_cost = hash_cost
+        self.registry = registry
+        if bootstrap is None:
+            bootstrap = registry.bootstrap if registry is not None else tuple
         self.bootstrap = bootstrap
         seconds = clock.seconds
         self.account_limiter = FailureLimiter(seconds, *account_failures)

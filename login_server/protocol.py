@@ -21,6 +21,7 @@ from overlay.connection import FramedConnection
 from overlay.errors import ProtocolError
 from overlay.login_protocol import Login, LoginError, Register, Renew, ServerError
 from overlay.messages import Message, Ping, Pong
+from overlay.overlay_protocol import SnApply, SnHeartbeat, SnLeave
 
 HANDSHAKE_TIMEOUT = 10.0
 IDLE_TIMEOUT = 120.0
@@ -60,6 +61,8 @@ class LoginServerConnection(FramedConnection):
             self._run(message, self.server.login(message, self.source, self.session.transcript))
         elif isinstance(message, Renew):
             self._run(message, self.server.renew(message, self.source, self.session.transcript))
+        elif isinstance(message, SnApply | SnHeartbeat | SnLeave):
+            self._run(message, self._supernode(message, self.session.transcript))
         else:
             rid = getattr(message, "rid", 0)
             self.send_error(rid, message.NAME, ProtocolError(f"{message.NAME} is not a request."))
@@ -89,6 +92,17 @@ class LoginServerConnection(FramedConnection):
                 self.send_error(rid, request.NAME, ServerError())
 
         Deferred.fromCoroutine(work).addCallbacks(done, failed)
+
+    async def _supernode(self, message: Message, transcript: bytes) -> Message:
+        registry = self.server.registry
+        if registry is None:
+            raise ServerError("This login server does not run a supernode registry.")
+        if isinstance(message, SnApply):
+            return await registry.apply(message, self.source, transcript)
+        if isinstance(message, SnHeartbeat):
+            return registry.heartbeat(message, transcript)
+        assert isinstance(message, SnLeave)
+        return registry.leave(message, transcript)
 
     def bad_message(self, request: str, exc: ProtocolError) -> None:
         self.server.counters["bad-frames" if request == "frame" else "bad-messages"] += 1
