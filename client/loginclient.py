@@ -35,8 +35,10 @@ from overlay.login_protocol import (
     Renew,
     error_from_reply,
     proof_message,
+    supernode_name,
 )
 from overlay.messages import Error, Message, Ping, Pong
+from overlay.overlay_protocol import SnAdmitted, SnApply, SnHeartbeat, SnLeave, SnState
 from overlay.usernames import canonical_username
 
 
@@ -178,6 +180,38 @@ class LoginClient:
             return Renew(rid, bytes(certificate), proof)
 
         return self._result(await self._exchange(build), identity)
+
+    # -- supernodes ---------------------------------------------------------------------------
+
+    def _node_proof(self, node_key: IdentityKey, transcript: bytes) -> bytes:
+        name = supernode_name(node_key.public_key)
+        return node_key.sign(proof_message(transcript, name, node_key.public_key))
+
+    async def sn_apply(self, node_key: IdentityKey, tcp_port: int, udp_port: int) -> SnAdmitted:
+        def build(transcript: bytes, rid: int) -> Message:
+            proof = self._node_proof(node_key, transcript)
+            return SnApply(rid, node_key.public_key, proof, tcp_port, udp_port)
+
+        reply = await self._exchange(build)
+        if not isinstance(reply, SnAdmitted):
+            raise ProtocolError(f"The login server answered sn-apply with {reply.NAME}.")
+        return reply
+
+    async def sn_heartbeat(self, node_key: IdentityKey, attached: int, version: int) -> SnState:
+        def build(transcript: bytes, rid: int) -> Message:
+            proof = self._node_proof(node_key, transcript)
+            return SnHeartbeat(rid, node_key.public_key, proof, attached, version)
+
+        reply = await self._exchange(build)
+        if not isinstance(reply, SnState):
+            raise ProtocolError(f"The login server answered sn-heartbeat with {reply.NAME}.")
+        return reply
+
+    async def sn_leave(self, node_key: IdentityKey) -> None:
+        def build(transcript: bytes, rid: int) -> Message:
+            return SnLeave(rid, node_key.public_key, self._node_proof(node_key, transcript))
+
+        await self._exchange(build)
 
     async def ping(self) -> float:
         """Round-trip time to the login server, in seconds."""

@@ -15,6 +15,7 @@ from twisted.internet.defer import Deferred
 from twisted.internet.endpoints import HostnameEndpoint
 from twisted.internet.protocol import Factory
 
+from overlay.channel import ServerNotTrusted
 from overlay.connection import ClientConnection
 from overlay.datagram import DatagramEndpoint
 from overlay.errors import VoipError
@@ -87,6 +88,8 @@ class NetworkProber:
 
 
 def _reason(exc: BaseException) -> str:
+    if isinstance(exc, ServerNotTrusted):  # its own text speaks of the CA key, not the node's
+        return "the handshake was not signed by the node's key"
     text = str(exc).strip() or type(exc).__name__
     if "Connection was refused" in text or "refused" in text.lower():
         return "connection refused"

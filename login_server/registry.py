@@ -27,32 +27,20 @@ from twisted.logger import Logger
 
 from overlay import certificate
 from overlay.certificate import Role
-from overlay.identity import IdentityKey, key_fingerprint, verify_signature
-from overlay.login_protocol import BadProof, Contact, LoginError, proof_message
+from overlay.identity import IdentityKey, verify_signature
+from overlay.login_protocol import (
+    BadProof,
+    Contact,
+    NotNeeded,
+    NotReachable,
+    UnknownSupernode,
+    proof_message,
+    supernode_name,
+)
 from overlay.overlay_protocol import SnAdmitted, SnApply, SnHeartbeat, SnLeave, SnState
 from overlay.slotmap import SlotMap, SupernodeInfo
 
-#: The username in a supernode certificate: "sn-" and the node key's fingerprint.
-SN_PREFIX = "sn-"
 SN_CERT_LIFETIME = 24 * 3600
-
-
-class NotReachable(LoginError):
-    """The login server could not reach you from outside; only reachable nodes become supernodes."""
-
-    code = "not-reachable"
-
-
-class NotNeeded(LoginError):
-    """The overlay has enough supernodes for now."""
-
-    code = "not-needed"
-
-
-class UnknownSupernode(LoginError):
-    """This node is not a supernode (any more); apply again."""
-
-    code = "unknown-supernode"
 
 
 class Clock(Protocol):
@@ -61,10 +49,6 @@ class Clock(Protocol):
 
 #: ``probe(host, tcp_port, udp_port, node_key)`` -> None when reachable, else the reason.
 Prober = Callable[[str, int, int, bytes], Awaitable[str | None]]
-
-
-def supernode_name(node_key: bytes) -> str:
-    return SN_PREFIX + key_fingerprint(node_key)
 
 
 @dataclass
@@ -138,6 +122,9 @@ class SupernodeRegistry:
             )
         info = SupernodeInfo(request.node_key, source, request.tcp_port, request.udp_port)
         now = self.clock.seconds()
+        # Asked again: while the probe ran, another application of this node may have been
+        # admitted, or the node may have been evicted.
+        known = request.node_key in self.members
         if known:
             if self.members[request.node_key].info != info:
                 self.map = self.map.with_updated_info(info)

@@ -19,11 +19,20 @@ stream cannot be resynchronised, the connection is closed; other connections go 
 from __future__ import annotations
 
 from overlay.errors import ProtocolError, VoipError
+from overlay.identity import key_fingerprint
 from overlay.messages import Message, Record, message, record
 
 PROOF_CONTEXT = b"voip-login-proof-v1"
 #: How long a node waits for the login server before it gives up on a request.
 DEFAULT_TIMEOUT = 15.0
+
+
+#: The username in a supernode certificate: "sn-" and the node key's fingerprint.
+SN_PREFIX = "sn-"
+
+
+def supernode_name(node_key: bytes) -> str:
+    return SN_PREFIX + key_fingerprint(node_key)
 
 
 def proof_message(transcript: bytes, username: str, public_key: bytes) -> bytes:
@@ -145,6 +154,24 @@ class ServerError(LoginError):
     code = "server-error"
 
 
+class NotReachable(LoginError):
+    """The login server could not reach you from outside; only reachable nodes become supernodes."""
+
+    code = "not-reachable"
+
+
+class NotNeeded(LoginError):
+    """The overlay has enough supernodes for now."""
+
+    code = "not-needed"
+
+
+class UnknownSupernode(LoginError):
+    """This node is not a supernode (any more); apply again."""
+
+    code = "unknown-supernode"
+
+
 class InvalidUsernameReply(LoginError):
     """That username is not valid."""
 
@@ -171,6 +198,9 @@ _ERRORS: dict[str, type[LoginError]] = {
         ServerError,
         InvalidUsernameReply,
         RemoteProtocolError,
+        NotReachable,
+        NotNeeded,
+        UnknownSupernode,
     )
 }
 

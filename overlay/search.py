@@ -42,13 +42,17 @@ from twisted.internet.defer import (
     maybeDeferred,
     succeed,
 )
-from twisted.internet.interfaces import IReactorTime
+from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.python.failure import Failure
 
 from overlay.errors import ProtocolError
 from overlay.messages import Record, record
 from overlay.slotmap import SupernodeInfo
 
+#: A round ends this many times the time to its first useful answer after it (at least
+#: MIN_GRACE seconds), without waiting for the slowest (maybe dead) supernode of the round.
+GRACE_FACTOR = 3.0
+MIN_GRACE = 0.05
 LEVEL_BLOCK = "block"
 LEVEL_SLOT = "slot"
 Outcome: TypeAlias = Literal["found", "offline", "not-found", "failed"]
@@ -137,7 +141,7 @@ class _Search:
         self.result.path.append([])
         answers: list[_Answer] = []
         first, rest = candidates[: self.parallel], candidates[self.parallel :]
-        await self.batch(first, answers, stop_when_useful=False)
+        await self.first_batch(first, answers)
         if rest and not any(a.useful for a in answers):
             await self.batch(rest[: self.fallback], answers, stop_when_useful=True)
         valid: dict[bytes, Any] = {}
@@ -145,6 +149,66 @@ class _Search:
             for blob, verified in answer.valid:
                 valid.setdefault(blob, verified)
         return list(valid.values()), answers
+
+    def first_batch(self, batch: list[SupernodeInfo], answers: list[_Answer]) -> Deferred[None]:
+        """Ask ``batch`` at once; settle when all answered, or a little after the first useful
+        answer (``GRACE_FACTOR`` times as long as it took, at least ``MIN_GRACE``): a dead
+        supernode among them then costs the search nothing.  Asks still out are cancelled."""
+        asks: list[Deferred[None]] = []
+        started = self.clock.seconds()
+        remaining = len(batch)
+        grace: list[IDelayedCall] = []
+
+        cancelling = False
+
+        def cancel_all(_: Deferred[None]) -> None:
+            nonlocal cancelling
+            cancelling = True  # settled then fails with CancelledError, not "all answered"
+            for ask in asks:
+                if not ask.called:
+                    ask.cancel()
+
+        settled: Deferred[None] = Deferred(cancel_all)
+
+        def finish() -> None:
+            if not settled.called and not cancelling:
+                settled.callback(None)
+
+        def one_done(result: object) -> object:
+            nonlocal remaining
+            remaining -= 1
+            if remaining == 0:
+                for call in grace:
+                    if call.active():
+                        call.cancel()
+                finish()
+            elif not grace and any(a.useful for a in answers):
+                wait = max(MIN_GRACE, GRACE_FACTOR * (self.clock.seconds() - started))
+                grace.append(self.clock.callLater(min(wait, self.timeout), finish))
+            return result
+
+        for sn in batch:
+            asks.append(self.ask_one(sn, answers).addBoth(one_done))
+        if not batch:
+            finish()
+
+        def abandon(result: object) -> object:
+            for call in grace:
+                if call.active():
+                    call.cancel()
+            for ask in asks:
+                if not ask.called:
+                    ask.addErrback(_ignore_cancelled)
+                    ask.cancel()
+            for ask in asks:  # a bug in verify or classify is not hidden
+                if ask.called and isinstance(ask.result, Failure):
+                    failure = ask.result
+                    ask.addErrback(lambda f: None)
+                    if not isinstance(failure.value, CancelledError):
+                        failure.raiseException()
+            return result
+
+        return settled.addBoth(abandon)
 
     async def batch(
         self, batch: list[SupernodeInfo], answers: list[_Answer], *, stop_when_useful: bool
@@ -215,6 +279,10 @@ class _Search:
             for contact in answer.reply.contacts
         )
         return _unique(c for c in contacts if c.node_id not in self.asked)
+
+
+def _ignore_cancelled(failure: Failure) -> Failure | None:
+    return None if isinstance(failure.value, CancelledError) else failure
 
 
 def _unique(infos: Iterable[SupernodeInfo]) -> list[SupernodeInfo]:

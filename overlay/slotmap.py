@@ -305,7 +305,7 @@ class SlotMap:
             turn = _spread(viewer, b"slot", i) % len(members) if members else 0
             rotations.append(members[turn:] + members[:turn])
         chosen: list[SupernodeInfo] = []
-        for depth in range(SLOT_CAPACITY + 1):
+        for depth in range(max(map(len, rotations))):
             for rotation in rotations:
                 if depth < len(rotation) and len(chosen) < count:
                     chosen.append(self._info[rotation[depth]])
@@ -527,7 +527,10 @@ class RoutingView:
             raise error("The routing view puts a supernode in two slots.")
         if self.node_id not in (m.node_id for m in self.own_slot.members):
             raise error("The routing view does not put its supernode in its own slot.")
-        if [b.index for b in self.other_blocks] != [b for b in range(self.block_count) if b != own]:
+        others = [b.index for b in self.other_blocks]  # the count first: it bounds the work
+        if len(others) != self.block_count - 1 or others != [
+            b for b in range(self.block_count) if b != own
+        ]:
             raise error("The routing view does not list every other block.")
         ranges = sorted(
             [(own, start, end)] + [(b.index, b.start, b.end) for b in self.other_blocks]
@@ -570,23 +573,19 @@ class RoutingView:
     def block_range(self) -> tuple[int, int]:
         return self.block_slots[0].prefix.start, self.block_slots[-1].prefix.end
 
+    def _groups(self) -> list[tuple[SupernodeInfo, ...]]:
+        return [s.members for s in self.block_slots] + [b.contacts for b in self.other_blocks]
+
     def known_supernodes(self) -> tuple[SupernodeInfo, ...]:
-        """Every SN in the view once (slot, then block, then contacts): for host caches."""
+        """Every SN in the view once (own slot, block, then contacts): for host caches."""
         seen: dict[bytes, SupernodeInfo] = {}
-        for info in self.own_slot.members:
+        for info in itertools.chain(self.own_slot.members, *self._groups()):
             seen.setdefault(info.node_id, info)
-        for group in [s.members for s in self.block_slots] + [
-            b.contacts for b in self.other_blocks
-        ]:
-            for info in group:
-                seen.setdefault(info.node_id, info)
         return tuple(seen.values())
 
     def state_size(self) -> int:
         """How many ``SupernodeInfo`` entries this view holds."""
-        return sum(len(s.members) for s in self.block_slots) + sum(
-            len(b.contacts) for b in self.other_blocks
-        )
+        return sum(len(group) for group in self._groups())
 
     def route(self, key: int) -> Route:
         """Serve the key, or whom to refer the asker to (one step closer to the key)."""

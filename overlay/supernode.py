@@ -24,7 +24,8 @@ from collections import Counter
 from collections.abc import Callable
 from typing import Any
 
-from twisted.internet.defer import Deferred, DeferredList
+from twisted.internet import defer
+from twisted.internet.defer import Deferred, DeferredList, DeferredSemaphore, gatherResults
 from twisted.internet.interfaces import IAddress, IReactorTime
 from twisted.internet.protocol import Factory
 from twisted.logger import Logger
@@ -37,10 +38,11 @@ from overlay.datagram import Address, DatagramEndpoint
 from overlay.errors import ProtocolError, VoipError
 from overlay.identity import IdentityKey, verify_signature
 from overlay.index import PresenceIndex
-from overlay.keyspace import user_key
+from overlay.keyspace import KEY_BITS, Prefix, user_key
 from overlay.login_protocol import proof_message
-from overlay.messages import Message, Ping, Pong
+from overlay.messages import Error, Message, Ping, Pong
 from overlay.overlay_protocol import (
+    SEARCH_PAD,
     Ack,
     Attach,
     Attached,
@@ -74,12 +76,33 @@ HANDSHAKE_TIMEOUT = 10.0
 PEER_TIMEOUT = 2.0
 PULL_BATCH = 1
 DELIVERY_TIMEOUT = 5.0
+SYNC_RETRY = 2.0
+SYNC_ATTEMPTS = 5
+#: How many times a range nobody holds whole is halved before we conclude nobody holds it.
+PULL_SPLIT_DEPTH = 6
+#: How long records of a range we stopped serving stay available to pulls.
+RETIRE_AFTER = 600.0
+#: Records of a range we left are stored at its new slot after views had time to spread.
+HANDOFF_DELAY = 3.0
+HANDOFF_PARALLEL = 16
 
 
 class SupernodeFull(VoipError):
     """This supernode carries as many nodes as it may; try another."""
 
     code = "supernode-full"
+
+
+class HoldsNone(VoipError):
+    """This supernode holds none of that key range."""
+
+    code = "holds-none"
+
+
+class HoldsPart(VoipError):
+    """This supernode holds only a part of that key range; ask for less."""
+
+    code = "holds-part"
 
 
 class NotAttached(VoipError):
@@ -92,6 +115,22 @@ class NotDelivered(VoipError):
     """The message could not be delivered."""
 
     code = "not-delivered"
+
+
+def _username_of(blob: bytes) -> str:
+    return SignedPresence.parse(blob).record.username
+
+
+def _missing(prefix: Prefix, held: Prefix | None) -> list[Prefix]:
+    """The parts of ``prefix`` outside ``held`` (which lies inside it), as prefixes."""
+    if held is None:
+        return [prefix]
+    out: list[Prefix] = []
+    part = held
+    while part != prefix:
+        out.append(part.sibling())
+        part = part.parent()
+    return out
 
 
 def reach_signature(key: IdentityKey, nonce: bytes) -> bytes:
@@ -123,6 +162,12 @@ class Supernode:
         self.view: RoutingView | None = None
         self.info: SupernodeInfo | None = None
         self.synced = False
+        #: The key range whose records this supernode holds completely (None: none yet).
+        self.held: Prefix | None = None
+        #: Hand-offs of records of ranges we left, still to finish.
+        self.handoffs_pending = 0
+        #: Ranges held before the slot changed, kept until the time given, for pulls only.
+        self.retired: list[tuple[Prefix, float]] = []
         self.index = PresenceIndex(clock, ca_public_key, self._owns)
         self.udp = DatagramEndpoint(clock, self.handle_datagram)
         self.attached: dict[str, SupernodeConnection] = {}
@@ -145,44 +190,130 @@ class Supernode:
         self.set_view(view)
 
     def set_view(self, view: RoutingView) -> None:
+        """Take a (new) routing view; when our slot changed, fetch what we lack of it.
+
+        ``held`` is the key range our index holds completely.  A slot that split keeps what
+        it held (a part of it); a slot that grew (merge, or a move to another slot) pulls the
+        ranges it lacks from slot peers that hold them, and until then refers searches for its
+        slot to those peers instead of answering "no such record".
+        """
         old = self.view
         self.view = view
-        if old is None or old.prefix != view.prefix:
-            start, end = view.prefix.start, view.prefix.end
-            dropped = self.index.drop(0, start) + self.index.drop(end, 1 << 64)
-            self.log.info(
-                "serving slot {prefix} (view {version}); dropped {dropped} records",
-                prefix=view.prefix,
-                version=view.version,
-                dropped=dropped,
-            )
-            self.synced = not [p for p in view.peers if p.node_id != self.node_id]
-            if not self.synced:
-                self._sync = Deferred.fromCoroutine(self._pull_slot(view))
+        if old is not None and old.prefix == view.prefix:
+            return
+        prefix = view.prefix
+        held = self.held
+        if held is not None and not prefix.covers(held):
+            # Records we no longer serve stay a while, for peers to pull: when a slot's
+            # members all move or merge at once, they are the only copies.
+            self.retired.append((held, self.clock.seconds() + RETIRE_AFTER))
+            self.clock.callLater(RETIRE_AFTER, self._forget, held)
+            self.handoffs_pending += 1
+            self.clock.callLater(HANDOFF_DELAY, self._hand_off, held, 1)
+        if held is not None and prefix.covers(held):
+            self.held = held
+        elif held is not None and held.covers(prefix):
+            self.held = prefix
+        else:
+            self.held = None
+        missing = _missing(prefix, self.held)
+        if missing and not view.peers:
+            missing = []  # alone in the slot: nobody to learn from (a new overlay)
+        self.synced = not missing
+        if self.synced:
+            self.held = prefix
+        self.log.info(
+            "serving slot {prefix} (view {version}); pulling {missing} ranges",
+            prefix=prefix,
+            version=view.version,
+            missing=len(missing),
+        )
+        if missing:
+            self._sync = Deferred.fromCoroutine(self._pull_ranges(view, missing, 1))
 
-    async def _pull_slot(self, view: RoutingView) -> None:
-        peers = [p for p in view.peers if p.node_id != self.node_id]
-        self.rng.shuffle(peers)
-        start, end = view.prefix.start, view.prefix.end
+    async def _pull_ranges(self, view: RoutingView, missing: list[Prefix], attempt: int) -> None:
+        still: list[Prefix] = []
+        for wanted in missing:
+            if not self._serving(view):
+                return
+            if not await self._pull_range(view, wanted):
+                still.append(wanted)
+        if not self._serving(view):
+            return
+        if still and attempt < SYNC_ATTEMPTS:
+            self.clock.callLater(SYNC_RETRY, self._retry_sync, view, still, attempt + 1)
+            return
+        if still:
+            self.log.warn(
+                "no slot peer holds {count} ranges of {prefix}; serving without them "
+                "(their users republish within minutes)",
+                count=len(still),
+                prefix=view.prefix,
+            )
+        self.held = view.prefix
+        self.synced = True
+
+    def _retry_sync(self, view: RoutingView, missing: list[Prefix], attempt: int) -> None:
+        if self._serving(view) and not self.synced:
+            self._sync = Deferred.fromCoroutine(self._pull_ranges(view, missing, attempt))
+
+    async def _pull_range(
+        self,
+        view: RoutingView,
+        wanted: Prefix,
+        depth: int = 0,
+        peers: list[SupernodeInfo] | None = None,
+    ) -> bool:
+        """Fetch ``wanted`` from peers that hold it.  True when done, or when no peer holds
+        any of it (nothing to learn); False when peers did not answer (try again later).
+
+        A peer holds one prefix-aligned range, maybe only a part of ``wanted`` (slots merge
+        and move while views spread): such a peer answers "partly", and the range is then
+        asked for in halves, of the peers that hold part of it.
+        """
+        if peers is None:
+            peers = list(view.peers)
+            self.rng.shuffle(peers)
+        partial: list[SupernodeInfo] = []
+        unanswered = False
         for peer in peers:
             cursor: int | None = 0
             try:
-                while cursor is not None and self.view is view:
+                while cursor is not None and self._serving(view):
                     reply = await self.udp.request(
                         (peer.host, peer.udp_port),
-                        functools.partial(Pull, start=start, end=end, cursor=cursor),
+                        functools.partial(Pull, start=wanted.start, end=wanted.end, cursor=cursor),
                         timeout=PEER_TIMEOUT,
+                        pad_to=SEARCH_PAD,  # room for a record in the reply
                     )
+                    if isinstance(reply, Error) and reply.code == HoldsPart.code:
+                        raise HoldsPart()
+                    if isinstance(reply, Error) and reply.code == HoldsNone.code:
+                        raise HoldsNone()
                     if not isinstance(reply, Records):
                         raise ProtocolError(f"pull answered with {reply.NAME}")
                     self.index.import_records(reply.records)
                     cursor = reply.cursor
-            except VoipError as exc:
-                self.log.info("pull from a slot peer failed: {error}", error=exc)
+            except HoldsPart:
+                partial.append(peer)
                 continue
-            break
-        if self.view is view:
-            self.synced = True
+            except HoldsNone:
+                continue
+            except VoipError as exc:
+                unanswered = True
+                self.log.debug("pull from a slot peer failed: {error}", error=exc)
+                continue
+            return True
+        if not partial or depth >= PULL_SPLIT_DEPTH or wanted.length >= KEY_BITS:
+            return not unanswered
+        halves = [
+            await self._pull_range(view, half, depth + 1, partial) for half in wanted.children()
+        ]
+        return all(halves) and not unanswered
+
+    def _serving(self, view: RoutingView) -> bool:
+        """Do we still serve ``view``'s slot (a newer view of the same slot counts)?"""
+        return self.view is not None and self.view.prefix == view.prefix
 
     def contacts_for_nodes(self, count: int = 10) -> tuple[SupernodeInfo, ...]:
         """SNs to hand to attached nodes for their host cache."""
@@ -209,7 +340,8 @@ class Supernode:
         if isinstance(message, Locate):
             return self._locate(message.rid, message.key)
         if isinstance(message, Store):
-            return Stored(message.rid, self.index.put(message.record))
+            self.index.put(message.record)  # False: we hold this record or a newer one already
+            return Stored(message.rid, True)
         if isinstance(message, Pull):
             return self._pull(message)
         if isinstance(message, Forward):
@@ -225,13 +357,12 @@ class Supernode:
             raise ProtocolError(f"Cannot search {message.username!r}: {exc}") from None
         route = self.view.route(key)
         if isinstance(route, Serve):
-            if not self.synced:
-                peers = tuple(p for p in self.view.peers if p.node_id != self.node_id)
-                return SearchReferral(message.rid, peers, "slot")
             lookup = self.index.get(message.username)
-            if lookup.signed is None:
-                return SearchNone(message.rid)
-            return SearchFound(message.rid, bytes(lookup.signed))
+            if lookup.signed is not None:
+                return SearchFound(message.rid, bytes(lookup.signed))
+            if not self.synced:  # "none" would be a guess: send the asker to the replicas
+                return SearchReferral(message.rid, self.view.peers, "slot")
+            return SearchNone(message.rid)
         assert isinstance(route, Refer)
         return SearchReferral(message.rid, route.contacts, route.level)
 
@@ -239,11 +370,62 @@ class Supernode:
         assert self.view is not None
         route = self.view.route(key)
         if isinstance(route, Serve):
-            return SearchReferral(rid, self.view.peers, "slot")
+            return SearchReferral(rid, self.view.own_slot.members, "slot")
         assert isinstance(route, Refer)
         return SearchReferral(rid, route.contacts, route.level)
 
+    def _hand_off(self, retired: Prefix, attempt: int) -> None:
+        """Store the records of a range we stopped serving at its new slot (records move
+        with slots); what no new member accepted is tried again later."""
+        serving = self.view.prefix if self.view is not None else None
+        records = [
+            blob
+            for blob in self.index.export(retired.start, retired.end)
+            if serving is None or not serving.contains(user_key(_username_of(blob)))
+        ]
+        if not records or self.view is None:
+            self.handoffs_pending -= 1
+            return
+
+        async def place(blob: bytes) -> bool:
+            try:
+                return await self.replicate(blob, user_key(_username_of(blob))) > 0
+            except VoipError:
+                return False
+
+        async def move() -> None:
+            window = DeferredSemaphore(HANDOFF_PARALLEL)
+            placed = await gatherResults([window.run(place, blob) for blob in records])
+            unplaced = placed.count(False)
+            self.counters["handed-off"] += len(records) - unplaced
+            if unplaced and attempt < SYNC_ATTEMPTS:
+                self.clock.callLater(HANDOFF_DELAY, self._hand_off, retired, attempt + 1)
+
+        Deferred.fromCoroutine(move()).addErrback(lambda f: self.log.failure("hand-off failed", f))
+
+    def _forget(self, retired: Prefix) -> None:
+        """Drop the records of a range we stopped serving ``RETIRE_AFTER`` seconds ago."""
+        now = self.clock.seconds()
+        self.retired = [(p, until) for p, until in self.retired if until > now]
+        serving = self.view.prefix if self.view is not None else None
+        if serving is not None and serving.covers(retired):
+            return
+        if serving is not None and retired.covers(serving):
+            self.index.drop(retired.start, serving.start)
+            self.index.drop(serving.end, retired.end)
+        else:
+            self.index.drop(retired.start, retired.end)
+
     def _pull(self, message: Pull) -> Records:
+        now = self.clock.seconds()
+        ranges = [p for p, until in self.retired if until > now]
+        if self.held is not None:
+            ranges.append(self.held)
+        overlapping = [p for p in ranges if p.start < message.end and message.start < p.end]
+        if not overlapping:
+            raise HoldsNone()
+        if not any(p.start <= message.start and message.end <= p.end for p in overlapping):
+            raise HoldsPart()
         records = self.index.export(message.start, message.end)
         at = max(0, message.cursor)
         batch = tuple(records[at : at + PULL_BATCH])
@@ -257,7 +439,7 @@ class Supernode:
         assert self.view is not None
         route = self.view.route(key)
         if isinstance(route, Serve):
-            return self.view.peers
+            return self.view.own_slot.members
         assert isinstance(route, Refer)
         if route.level == "slot":
             return route.contacts
@@ -267,6 +449,7 @@ class Supernode:
                     (contact.host, contact.udp_port),
                     lambda rid: Locate(rid, key),
                     timeout=PEER_TIMEOUT,
+                    pad_to=SEARCH_PAD,  # room for the slot's members in the reply
                 )
             except VoipError:
                 continue
@@ -282,7 +465,8 @@ class Supernode:
         for member in members:
             if member.node_id == self.node_id:
                 with contextlib.suppress(PresenceError):
-                    stored += self.index.put(record)
+                    self.index.put(record)  # held now, whether new or not
+                    stored += 1
                 continue
             requests.append(
                 self.udp.request(
@@ -304,7 +488,7 @@ class Supernode:
             return False
         try:
             reply = await connection.push(lambda rid: Incoming(rid, envelope))
-        except VoipError:
+        except (VoipError, defer.TimeoutError):  # the node did not ack in time
             return False
         return isinstance(reply, Ack)
 

@@ -232,6 +232,20 @@ def test_a_new_supernode_joins_the_smallest_slot_and_nothing_else_moves(count: i
         ]
 
 
+def test_splits_take_the_widest_slot_and_merges_the_deepest_pair() -> None:
+    def shape(m: SlotMap) -> list[str]:
+        return [str(slot.prefix) for slot in m.slots]
+
+    m = build(41)
+    assert shape(build(10)) == ["*"]
+    assert shape(build(11)) == ["0*", "1*"]
+    assert shape(build(21)) == ["00*", "01*", "1*"]
+    assert shape(m) == ["000*", "001*", "01*", "10*", "11*"]
+    for i in range(11):
+        m = m.without_supernode(sn(i).node_id)
+    assert shape(m) == ["0*", "10*", "11*"]  # 41 -> 40 merged 000+001, 31 -> 30 merged 00+01
+
+
 def test_change_errors_are_programming_errors() -> None:
     m = build(5)
     with pytest.raises(ValueError, match="already in the map"):
@@ -561,6 +575,7 @@ def test_signed_view_round_trip_and_rejections() -> None:
     [
         (lambda d: d[6][0].__setitem__(1, d[6][0][1] + 1), "do not cover the key space exactly"),
         (lambda d: d[6].pop(), "does not list every other block."),
+        (lambda d: d.__setitem__(3, 2**62), "does not list every other block."),
         (lambda d: d[6][0].__setitem__(3, []), "has a block without contacts."),
         (lambda d: d[5].pop(), "block has the wrong number of slots."),
         (lambda d: d[5][1].__setitem__(0, d[5][1][0] + 1), "leaves a gap in the key space."),

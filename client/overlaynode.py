@@ -1,0 +1,546 @@
+"""An ordinary node in the overlay: attach to the best supernode, publish presence, search, send.
+
+- The host cache (``overlay.hostcache``) is fed at login (bootstrap) and by supernodes.
+- Attaching: probe up to ``probe_count`` cached supernodes over UDP for round-trip time, connect
+  over TCP to the best, prove the user's certificate key on the supernode's channel (whose
+  node key is pinned and whose supernode certificate is checked), then publish a signed
+  presence record.  The record is republished before it expires.
+- A keep-alive ping every ``keepalive`` seconds (below NAT timeouts); a supernode that does not
+  answer within ``silence_timeout``, or whose connection drops, is left, and the node attaches
+  to the next best at once; repeated failures back off with jitter (0.5 s doubling to 10 s).
+- A supernode that leaves sends ``migrate``: the node attaches elsewhere first, then lets go.
+- Searching is iterative (``overlay.search``) over UDP, starting at the attached supernode.
+
+Time and randomness are injected; nothing here sleeps.
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Callable, Sequence
+from typing import Any
+
+from twisted.internet import defer
+from twisted.internet.defer import Deferred
+from twisted.internet.endpoints import HostnameEndpoint
+from twisted.internet.interfaces import IDelayedCall
+from twisted.internet.protocol import Factory
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+
+from overlay.certificate import Role, SignedCertificate
+from overlay.channel import HelloReply
+from overlay.connection import ClientConnection
+from overlay.datagram import DatagramEndpoint
+from overlay.errors import ProtocolError, VoipError
+from overlay.hostcache import HostCache
+from overlay.identity import IdentityKey
+from overlay.login_protocol import Contact, proof_message
+from overlay.messages import Error, Message, Ping
+from overlay.overlay_protocol import (
+    PING_PAD,
+    SEARCH_PAD,
+    Ack,
+    Attach,
+    Attached,
+    Incoming,
+    Migrate,
+    Publish,
+    Published,
+    Search,
+    SearchFound,
+    SearchNone,
+    SearchReferral,
+    Send,
+    Sent,
+    SnPing,
+)
+from overlay.presence import Attachment, PresenceRecord, SignedPresence, Status, is_current, sign
+from overlay.search import Found, NotFound, Referral, Reply, SearchResult, iterative_search
+from overlay.slotmap import SupernodeInfo
+
+RECORD_LIFETIME = 15 * 60
+OFFLINE_LIFETIME = 72 * 3600
+PUBLISH_RETRY = 2.0
+
+
+class SupernodeSilent(VoipError):
+    """The supernode did not answer in time."""
+
+    code = "supernode-silent"
+
+
+class NoSupernode(VoipError):
+    """Not attached to any supernode yet; the overlay is not reachable."""
+
+    code = "no-supernode"
+
+
+def contact_to_info(contact: Contact) -> SupernodeInfo | None:
+    if contact.node_id is None or contact.udp_port is None:
+        return None
+    return SupernodeInfo(contact.node_id, contact.host, contact.port, contact.udp_port)
+
+
+class Searcher:
+    """Iterative search over UDP; shared by ordinary nodes and supernodes."""
+
+    def __init__(
+        self, clock: Any, udp: DatagramEndpoint, ca_public_key: bytes, timeout: float = 2.0
+    ):
+        self.clock = clock
+        self.udp = udp
+        self.ca_public_key = ca_public_key
+        self.timeout = timeout
+
+    def ask(self, sn: SupernodeInfo, username: str) -> Deferred[Reply]:
+        request = self.udp.request(
+            (sn.host, sn.udp_port),
+            lambda rid: Search(rid, username),
+            timeout=self.timeout,
+            pad_to=SEARCH_PAD,
+        )
+
+        def convert(reply: Message) -> Reply:
+            if isinstance(reply, SearchFound):
+                return Found((reply.record,))
+            if isinstance(reply, SearchReferral):
+                return Referral(reply.contacts, reply.level)
+            if isinstance(reply, SearchNone):
+                return NotFound()
+            if isinstance(reply, Error):
+                raise VoipError(reply.message)
+            raise ProtocolError(f"search answered with {reply.NAME}")
+
+        return request.addCallback(convert)
+
+    def classify(self, record: PresenceRecord) -> str:
+        now = self.clock.seconds()
+        if record.status is Status.OFFLINE or not is_current(record, now):
+            return "offline"
+        cert = SignedCertificate.parse(record.certificate).cert
+        return "found" if cert.not_after > now else "offline"
+
+    async def search(
+        self,
+        username: str,
+        start: list[SupernodeInfo],
+        spares: Sequence[SupernodeInfo] = (),
+    ) -> SearchResult:
+        """Search from ``start``; when that learns nothing (every referral dead, say), search
+        once more from ``spares`` (other supernodes, whose referrals differ)."""
+
+        def verify(blob: bytes) -> PresenceRecord:
+            return SignedPresence.parse(blob).verify(
+                self.ca_public_key, self.clock.seconds(), username
+            )
+
+        result = await iterative_search(
+            self.clock, username, start, self.ask, verify, self.classify, timeout=self.timeout
+        )
+        asked = {node_id for ids in result.path for node_id in ids}
+        others = [s for s in spares if s.node_id not in asked][:4]
+        if result.outcome != "failed" or not others:
+            return result
+        again = await iterative_search(
+            self.clock, username, others, self.ask, verify, self.classify, timeout=self.timeout
+        )
+        again.rounds += result.rounds
+        again.asked += result.asked
+        again.elapsed += result.elapsed
+        again.timeouts += result.timeouts
+        again.errors += result.errors
+        again.bad_records += result.bad_records
+        again.path = result.path + again.path
+        return again
+
+
+class SupernodeLink(ClientConnection):
+    """The TCP connection to the supernode a node is attached to."""
+
+    def __init__(self, node: OverlayNode, info: SupernodeInfo) -> None:
+        super().__init__(node.clock, info.node_id, node.silence_timeout * 4, "the supernode")
+        self.node = node
+        self.info = info
+
+    def check_hello(self, reply: HelloReply) -> None:
+        if reply.certificate is None:
+            raise ProtocolError("The supernode showed no supernode certificate.")
+        SignedCertificate.parse(reply.certificate).verify(
+            self.node.ca_public_key, self.clock.seconds(), Role.SUPERNODE
+        )
+        if SignedCertificate.parse(reply.certificate).public_key != self.info.node_id:
+            raise ProtocolError("The supernode's certificate is for another key.")
+
+    def on_request(self, message: Message) -> None:
+        rid = getattr(message, "rid", 0)
+        if isinstance(message, Incoming):
+            self.node.received(message.envelope)
+            self.send(Ack(rid))
+        elif isinstance(message, Migrate):
+            self.send(Ack(rid))
+            self.node.migrate(self, message.contacts)
+        else:
+            super().on_request(message)
+
+    def connection_closed(self, reason: Failure | None) -> None:
+        super().connection_closed(reason)
+        self.node.link_lost(self)
+
+
+class OverlayNode:
+    log = Logger()
+
+    def __init__(
+        self,
+        reactor: Any,
+        ca_public_key: bytes,
+        hostcache: HostCache,
+        udp: DatagramEndpoint,
+        *,
+        keepalive: float = 15.0,
+        silence_timeout: float = 3.0,
+        probe_count: int = 8,
+        record_lifetime: int = RECORD_LIFETIME,
+        rng: random.Random | None = None,
+        endpoint_factory: Callable[[Any, str, int, float], Any] | None = None,
+    ) -> None:
+        self.reactor = reactor
+        self.clock = reactor
+        self.ca_public_key = ca_public_key
+        self.hostcache = hostcache
+        self.udp = udp
+        self.keepalive = keepalive
+        self.silence_timeout = silence_timeout
+        self.probe_count = probe_count
+        self.record_lifetime = record_lifetime
+        self.rng = rng or random.Random()  # noqa: S311 - backoff jitter, not cryptography
+        self.endpoint_factory = endpoint_factory or (
+            lambda r, h, p, t: HostnameEndpoint(r, h, p, timeout=t)
+        )
+        self.searcher = Searcher(reactor, udp, ca_public_key)
+        self.identity: IdentityKey | None = None
+        self.certificate: SignedCertificate | None = None
+        self.link: SupernodeLink | None = None
+        self.link_rtt: float | None = None
+        self.running = False
+        self.attaching = False
+        self.attachments = 0
+        #: Replicas that accepted our latest presence record (0 until the first publish).
+        self.replicas = 0
+        self.last_error: str | None = None
+        self.inbox: list[bytes] = []
+        self.on_message: list[Callable[[bytes], None]] = []
+        self._backoff = 0.0
+        self._avoid: set[bytes] = set()
+        self._timers: dict[str, IDelayedCall] = {}
+
+    # -- life cycle -----------------------------------------------------------------------------
+
+    @property
+    def username(self) -> str | None:
+        return self.certificate.username if self.certificate is not None else None
+
+    def start(
+        self, identity: IdentityKey, certificate: SignedCertificate, bootstrap: tuple[Contact, ...]
+    ) -> None:
+        self.identity = identity
+        self.certificate = certificate
+        infos = [i for i in (contact_to_info(c) for c in bootstrap) if i is not None]
+        self.hostcache.add(infos, "login")
+        self.running = True
+        self._attach_soon(0.0)
+
+    def update_certificate(self, certificate: SignedCertificate) -> None:
+        self.certificate = certificate
+        if self.link is not None and self.link.session is not None:
+            Deferred.fromCoroutine(self._publish()).addErrback(self._log_failure, "republish")
+
+    async def stop(self, publish_offline: bool = True) -> None:
+        self.running = False
+        for timer in self._timers.values():
+            if timer.active():
+                timer.cancel()
+        self._timers.clear()
+        link = self.link
+        if link is not None and publish_offline:
+            try:
+                await self._publish(Status.OFFLINE)
+            except VoipError as exc:
+                self.log.info("could not publish the offline record: {error}", error=exc)
+        self.link = None
+        if link is not None:
+            link.close()
+        try:
+            self.hostcache.save()
+        except VoipError as exc:
+            self.log.info("{error}", error=exc)
+
+    def _later(self, name: str, delay: float, call: Callable[[], Any]) -> None:
+        old = self._timers.get(name)
+        if old is not None and old.active():
+            old.cancel()
+        self._timers[name] = self.reactor.callLater(delay, call)
+
+    # -- attaching ------------------------------------------------------------------------------
+
+    def _attach_soon(self, delay: float) -> None:
+        if self.running:
+            self._later("attach", delay, self._attach)
+
+    def _attach(self) -> None:
+        if not self.running or self.attaching or (self.link is not None and self.link.session):
+            return
+        self.attaching = True
+        d = Deferred.fromCoroutine(self._attach_best())
+        d.addErrback(self._log_failure, "attach")
+
+        def done(_: Any) -> None:
+            self.attaching = False
+            if self.running and self.link is None:
+                self._backoff = min(10.0, max(0.5, self._backoff * 2))
+                self._attach_soon(self._backoff * self.rng.uniform(0.8, 1.2))
+
+        d.addBoth(done)
+
+    def _fastest(self, candidates: list[SupernodeInfo]) -> Deferred[SupernodeInfo | None]:
+        """Ping every candidate at once; the first to answer wins (None if none answers).
+
+        Every answer and every silence still lands in the host cache.
+        """
+        winner: Deferred[SupernodeInfo | None] = Deferred()
+        outstanding = len(candidates)
+
+        def settle(sn: SupernodeInfo | None) -> None:
+            nonlocal outstanding
+            outstanding -= 1
+            if not winner.called and (sn is not None or outstanding == 0):
+                winner.callback(sn)
+
+        for sn in candidates:
+            start = self.clock.seconds()
+
+            def answered(_: Message, sn: SupernodeInfo = sn, start: float = start) -> None:
+                self.hostcache.record_rtt(sn.node_id, self.clock.seconds() - start)
+                settle(sn)
+
+            def silent(_: Failure, sn: SupernodeInfo = sn) -> None:
+                self.hostcache.record_failure(sn.node_id)
+                settle(None)
+
+            self.udp.request(
+                (sn.host, sn.udp_port), SnPing, timeout=self.silence_timeout, pad_to=PING_PAD
+            ).addCallbacks(answered, silent)
+        if not candidates:
+            winner.callback(None)
+        return winner
+
+    async def _attach_best(self, exclude: tuple[bytes, ...] = ()) -> bool:
+        excluded = set(exclude) | self._avoid
+        self._avoid = set()
+        for _ in range(3):
+            candidates = self.hostcache.ranked(excluded)[: self.probe_count]
+            if not candidates:
+                self.last_error = "No supernode known yet."
+                return False
+            sn = await self._fastest(candidates)
+            if sn is None:
+                self.last_error = "No supernode answered."
+                return False
+            try:
+                await self._connect(sn)
+            except Exception as exc:  # noqa: BLE001 - network failures of many kinds
+                self.hostcache.record_failure(sn.node_id)
+                self.last_error = f"Could not attach to {sn.host}:{sn.tcp_port}: {exc}"
+                excluded.add(sn.node_id)
+                continue
+            return True
+        return False
+
+    async def _connect(self, sn: SupernodeInfo) -> None:
+        assert self.identity is not None and self.certificate is not None
+        identity, certificate = self.identity, self.certificate
+        factory = Factory.forProtocol(lambda: SupernodeLink(self, sn))
+        endpoint = self.endpoint_factory(self.reactor, sn.host, sn.tcp_port, self.silence_timeout)
+        connecting = endpoint.connect(factory)
+        connecting.addTimeout(self.silence_timeout, self.reactor)
+        link = await connecting
+        assert isinstance(link, SupernodeLink)
+        try:
+            ready = link.ready
+            ready.addTimeout(self.silence_timeout, self.reactor)
+            await ready
+            assert link.session is not None
+            transcript = link.session.transcript
+            proof = identity.sign(
+                proof_message(transcript, certificate.username, identity.public_key)
+            )
+            port = self.udp.transport.getHost().port if self.udp.transport is not None else None
+            reply = await self._request(
+                link, lambda rid: Attach(rid, bytes(certificate), proof, port)
+            )
+            if not isinstance(reply, Attached):
+                raise ProtocolError(f"attach answered with {reply.NAME}")
+        except BaseException:
+            link.close()
+            raise
+        old, self.link = self.link, link
+        self.replicas = 0
+        self.link_rtt = (self.hostcache.entry(sn.node_id) or _NoEntry).rtt
+        self.hostcache.add(reply.contacts, "supernode")
+        self.attachments += 1
+        self._backoff = 0.0
+        self.last_error = None
+        if old is not None:
+            old.close()
+        self.log.info("attached to supernode {host}:{port}", host=sn.host, port=sn.tcp_port)
+        self._later("keepalive", self.keepalive, self._keepalive)
+        try:
+            await self._publish()
+        except Exception as exc:  # noqa: BLE001 - stay attached; publishing is retried
+            self.last_error = f"Could not publish presence: {exc}"
+            self._later("republish", PUBLISH_RETRY, self._republish)
+
+    async def _request(self, link: SupernodeLink, build: Callable[[int], Message]) -> Message:
+        waiting = link.request(build)
+        limit = self.silence_timeout * 2
+        waiting.addTimeout(limit, self.reactor)
+        try:
+            reply = await waiting
+        except (TimeoutError, defer.TimeoutError):
+            raise SupernodeSilent(
+                f"The supernode {link.info.host}:{link.info.tcp_port} did not answer within "
+                f"{limit:g} s."
+            ) from None
+        if isinstance(reply, Error):
+            raise VoipError(reply.message)
+        return reply
+
+    def link_lost(self, link: SupernodeLink) -> None:
+        if link is not self.link:
+            return
+        self.link = None
+        self.link_rtt = None
+        self.hostcache.record_failure(link.info.node_id)
+        self._avoid.add(link.info.node_id)
+        self.log.info("lost supernode {host}:{port}", host=link.info.host, port=link.info.tcp_port)
+        self._attach_soon(0.0)
+
+    def migrate(self, link: SupernodeLink, contacts: tuple[SupernodeInfo, ...]) -> None:
+        """Our supernode is leaving: attach elsewhere first, then let it go."""
+        self.hostcache.add(contacts, "supernode")
+        self.hostcache.remove(link.info.node_id)
+
+        async def move() -> None:
+            if not await self._attach_best(exclude=(link.info.node_id,)):
+                link.close()
+
+        Deferred.fromCoroutine(move()).addErrback(self._log_failure, "migrate")
+
+    def _keepalive(self) -> None:
+        link = self.link
+        if not self.running or link is None:
+            return
+
+        async def ping() -> None:
+            start = self.clock.seconds()
+            try:
+                await self._request(link, Ping)
+            except Exception:  # noqa: BLE001 - any failure means the supernode is gone for us
+                self.log.info("supernode {host} went silent", host=link.info.host)
+                link.close()
+                return
+            self.link_rtt = self.clock.seconds() - start
+            self.hostcache.record_rtt(link.info.node_id, self.link_rtt)
+            self._later("keepalive", self.keepalive, self._keepalive)
+
+        Deferred.fromCoroutine(ping()).addErrback(self._log_failure, "keepalive")
+
+    # -- presence -------------------------------------------------------------------------------
+
+    def presence(self, status: Status = Status.ONLINE) -> SignedPresence:
+        assert self.identity is not None and self.certificate is not None and self.link is not None
+        now = self.clock.seconds()
+        sn = self.link.info
+        lifetime = OFFLINE_LIFETIME if status is Status.OFFLINE else self.record_lifetime
+        record = PresenceRecord(
+            username=self.certificate.username,
+            certificate=bytes(self.certificate),
+            supernode=Attachment(sn.node_id, sn.host, sn.tcp_port, sn.udp_port),
+            reflexive=None,
+            nat_type="unknown",
+            status=status,
+            sequence=int(now * 1000),
+            issued_at=int(now),
+            expires_at=int(now) + lifetime,
+        )
+        return sign(record, self.identity)
+
+    async def _publish(self, status: Status = Status.ONLINE) -> int:
+        link = self.link
+        if link is None:
+            raise NoSupernode()
+        record = bytes(self.presence(status))
+        reply = await self._request(link, lambda rid: Publish(rid, record))
+        if not isinstance(reply, Published):
+            raise ProtocolError(f"publish answered with {reply.NAME}")
+        self.replicas = reply.replicas
+        if status is not Status.OFFLINE:
+            self._later("republish", self.record_lifetime / 3, self._republish)
+        return reply.replicas
+
+    def _republish(self) -> None:
+        if self.running and self.link is not None:
+            Deferred.fromCoroutine(self._publish()).addErrback(self._log_failure, "republish")
+
+    # -- search and messages --------------------------------------------------------------------
+
+    async def search(self, username: str) -> SearchResult:
+        ranked = self.hostcache.ranked()
+        start = [self.link.info] if self.link is not None else ranked[:4]
+        if not start:
+            raise NoSupernode()
+        return await self.searcher.search(username, start, ranked)
+
+    async def send(self, to: str, envelope: bytes) -> None:
+        link = self.link
+        if link is None:
+            raise NoSupernode()
+        reply = await self._request(link, lambda rid: Send(rid, to, envelope))
+        if not isinstance(reply, Sent):
+            raise ProtocolError(f"send answered with {reply.NAME}")
+
+    def received(self, envelope: bytes) -> None:
+        self.inbox.append(envelope)
+        for callback in list(self.on_message):
+            callback(envelope)
+
+    # -- status ---------------------------------------------------------------------------------
+
+    def status(self) -> dict[str, Any]:
+        link = self.link
+        document: dict[str, Any] = {
+            "attached": link is not None and link.session is not None,
+            "host_cache": len(self.hostcache),
+            "attachments": self.attachments,
+            "published_replicas": self.replicas,
+            "last_error": self.last_error,
+        }
+        if link is not None:
+            document["supernode"] = {
+                "host": link.info.host,
+                "port": link.info.tcp_port,
+                "rtt": self.link_rtt,
+            }
+        return document
+
+    def _log_failure(self, failure: Failure, doing: str) -> None:
+        if isinstance(failure.value, VoipError):
+            self.last_error = f"{doing}: {failure.value}"
+            self.log.info("{doing} failed: {error}", doing=doing, error=failure.value)
+        else:
+            self.log.failure("{doing} failed", failure, doing=doing)
+
+
+class _NoEntry:
+    rtt = None
