@@ -16,20 +16,30 @@ from pathlib import Path
 from typing import Any
 
 from twisted.application.service import MultiService
+from twisted.internet import defer
+from twisted.internet.defer import Deferred
 from twisted.internet.endpoints import UNIXServerEndpoint
 from twisted.internet.error import CannotListenError
 from twisted.internet.threads import deferToThreadPool
-from twisted.logger import FileLogObserver, formatEventAsClassicLogText, globalLogBeginner
+from twisted.logger import FileLogObserver, Logger, formatEventAsClassicLogText, globalLogBeginner
+from twisted.python.failure import Failure
 
-from client.account import Account, Progress
+from client.account import Account, NotLoggedIn, Progress
 from client.control import ControlFactory, Handler
 from client.loginclient import LoginClient, parse_address
+from client.overlaynode import OverlayNode, Searcher
 from client.paths import MAX_SOCKET_PATH, default_socket_path, default_state_dir
+from client.promotion import PromotionPolicy, SupernodeRole
 from client.state import StateDir, StateError
+from overlay.datagram import DatagramEndpoint
 from overlay.errors import VoipError
-from overlay.identity import DEFAULT_COST, KdfCost, read_trust_anchor
+from overlay.hostcache import HostCache
+from overlay.identity import DEFAULT_COST, IdentityKey, KdfCost, read_trust_anchor
 from overlay.listening import ListeningService
+from overlay.slotmap import SupernodeInfo
+from overlay.supernode import Supernode
 from overlay.terminal import run_command
+from overlay.usernames import canonical_username
 
 PROGRAM = "voipd"
 VERSION = "0.1.0"
@@ -42,6 +52,16 @@ class DaemonConfig:
     ca_key: bytes
     socket: Path
     key_cost: KdfCost = DEFAULT_COST
+    #: Volunteer as a supernode when eligible (``--allow-supernode``).
+    allow_supernode: bool = False
+    #: Address and ports a supernode serves on (0: any free port).
+    interface: str = ""
+    tcp_port: int = 0
+    udp_port: int = 0
+    policy: PromotionPolicy = PromotionPolicy()  # noqa: RUF009 - frozen, shared safely
+
+
+log = Logger()
 
 
 class Daemon(MultiService):
@@ -61,7 +81,18 @@ class Daemon(MultiService):
             run_slow=lambda work: deferToThreadPool(reactor, pool, work),
             key_cost=config.key_cost,
         )
+        self.node_key = _node_key(self.state_dir)
+        self.hostcache = HostCache(config.state / "hostcache.json", reactor)
+        self.udp = DatagramEndpoint(reactor)
+        self.udp_port: Any = None
+        self.node = OverlayNode(reactor, config.ca_key, self.hostcache, self.udp)
+        self.account.on_change.append(self._account_changed)
+        self.supernode: Supernode | None = None
+        self.role: SupernodeRole | None = None
+        if config.allow_supernode:
+            self._make_supernode()
         handlers: dict[str, Handler] = {
+            "search": self.cmd_search,
             "status": self.cmd_status,
             "register": self.cmd_register,
             "login": self.cmd_login,
@@ -71,7 +102,65 @@ class Daemon(MultiService):
         endpoint = UNIXServerEndpoint(reactor, str(config.socket), mode=0o600, wantPID=False)
         ListeningService(endpoint, ControlFactory(handlers)).attach(self)
 
+    def _make_supernode(self) -> None:
+        config, reactor = self.config, self.reactor
+        supernode = Supernode(reactor, self.node_key, config.ca_key)
+        searcher = Searcher(reactor, supernode.udp, config.ca_key)
+        ports: list[Any] = []
+
+        def listen() -> tuple[int, int]:
+            tcp = reactor.listenTCP(
+                config.tcp_port, supernode.factory(), interface=config.interface
+            )
+            udp = reactor.listenUDP(config.udp_port, supernode.udp, interface=config.interface)
+            ports[:] = [tcp, udp]
+            return tcp.getHost().port, udp.getHost().port
+
+        def unlisten() -> Deferred[None]:
+            closing = [defer.maybeDeferred(p.stopListening) for p in ports]
+            ports.clear()
+            return defer.gatherResults(closing).addCallback(lambda _: None)
+
+        async def locate(username: str) -> SupernodeInfo | None:
+            assert supernode.info is not None
+            result = await searcher.search(username, [supernode.info])
+            record = result.record
+            if result.outcome != "found" or record is None or record.supernode is None:
+                return None
+            a = record.supernode
+            return SupernodeInfo(a.node_id, a.host, a.tcp_port, a.udp_port)
+
+        supernode.locate_user = lambda username: Deferred.fromCoroutine(locate(username))
+        client = LoginClient(reactor, config.login_server, config.ca_key)
+        self.supernode = supernode
+        self.role = SupernodeRole(
+            reactor,
+            client,
+            self.node_key,
+            supernode,
+            listen=listen,
+            unlisten=unlisten,
+            policy=config.policy,
+        )
+
+    def _account_changed(self) -> None:
+        account = self.account
+        if account.identity is not None and account.certificate is not None:
+            if not self.node.running:
+                self.node.start(account.identity, account.certificate, account.bootstrap)
+            else:
+                self.node.update_certificate(account.certificate)
+        elif self.node.running:
+            Deferred.fromCoroutine(self.node.stop()).addErrback(self._leave_failed)
+
+    def _leave_failed(self, failure: Failure) -> None:
+        log.failure("leaving the overlay failed", failure)
+
     def startService(self) -> None:
+        self.hostcache.load()
+        self.udp_port = self.reactor.listenUDP(0, self.udp, interface=self.config.interface)
+        if self.role is not None:
+            self.role.start()
         self.account.restore()
         old = os.umask(0o077)  # the socket exists with mode 0600 from its first instant
         try:
@@ -80,6 +169,12 @@ class Daemon(MultiService):
             os.umask(old)
 
     def stopService(self) -> Any:
+        if self.role is not None:
+            self.role.stop()
+        if self.node.running:
+            Deferred.fromCoroutine(self.node.stop(publish_offline=False))
+        if self.udp_port is not None:
+            self.udp_port.stopListening()
         result = super().stopService()  # type: ignore[no-untyped-call]
 
         def remove_socket(passthrough: Any) -> Any:
@@ -101,7 +196,32 @@ class Daemon(MultiService):
                 "uptime": self.reactor.seconds() - self.started_at,
             },
             "account": self.account.status(),
+            "overlay": self.node.status(),
+            "supernode": self.role.status() if self.role is not None else {"allowed": False},
         }
+
+    async def cmd_search(self, args: dict[str, Any], progress: Progress) -> dict[str, Any]:
+        name = canonical_username(_text(args, "username"))
+        if self.account.username is None:
+            raise NotLoggedIn()
+        progress(f"Searching for {name}...")
+        result = await self.node.search(name)
+        document: dict[str, Any] = {
+            "username": name,
+            "outcome": result.outcome,
+            "rounds": result.rounds,
+            "asked": result.asked,
+            "elapsed": result.elapsed,
+            "bad_records": result.bad_records,
+            "timeouts": result.timeouts,
+        }
+        record = result.record
+        if record is not None:
+            document["status"] = record.status.value
+            document["last_seen"] = record.issued_at
+            if record.supernode is not None:
+                document["supernode"] = f"{record.supernode.host}:{record.supernode.tcp_port}"
+        return document
 
     async def cmd_register(self, args: dict[str, Any], progress: Progress) -> dict[str, Any]:
         name = await self.account.register(
@@ -120,6 +240,16 @@ class Daemon(MultiService):
 
     async def cmd_ping(self, args: dict[str, Any], progress: Progress) -> dict[str, Any]:
         return {"pong": True, "pid": os.getpid()}
+
+
+def _node_key(state: StateDir) -> IdentityKey:
+    """This daemon's node key (its identity as a supernode), made on first use."""
+    path = state.path / "node.key"
+    if path.exists():
+        return IdentityKey.load_plain(path)
+    key = IdentityKey.generate()
+    key.save_plain(path)
+    return key
 
 
 class BadRequest(VoipError):
@@ -151,6 +281,28 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--log-file", help="log file, or - for standard error (default STATE/voipd.log)"
     )
+    sn = parser.add_argument_group("supernode")
+    sn.add_argument(
+        "--allow-supernode",
+        action="store_true",
+        help="volunteer as a supernode when eligible and needed (serves others)",
+    )
+    sn.add_argument("--interface", default="", help="address to serve on (default: all)")
+    sn.add_argument("--port", type=int, default=0, help="supernode TCP port (default: any free)")
+    sn.add_argument("--udp-port", type=int, default=0, help="supernode UDP port (default: any)")
+    sn.add_argument(
+        "--min-uptime", type=float, default=60.0, help="seconds up before volunteering (60)"
+    )
+    sn.add_argument(
+        "--max-load", type=float, default=0.7, help="1-minute load per core above which not (0.7)"
+    )
+    sn.add_argument(
+        "--bandwidth-kbps",
+        type=int,
+        default=10_000,
+        help="the upstream bandwidth you offer, kbit/s (10000; at least 1000 to volunteer)",
+    )
+    sn.add_argument("--heartbeat", type=float, default=20.0, help="seconds between heartbeats (20)")
     parser.add_argument("--version", action="version", version=f"{PROGRAM} {VERSION}")
     return parser
 
@@ -206,7 +358,25 @@ def config_from_args(args: argparse.Namespace) -> tuple[DaemonConfig, StateDir]:
         sock = state.socket_path
     else:
         sock = default_socket_path()
-    return DaemonConfig(state_path, login_server, ca_key, sock), state
+    policy = PromotionPolicy(
+        min_uptime=args.min_uptime,
+        max_load=args.max_load,
+        bandwidth_kbps=args.bandwidth_kbps,
+        heartbeat_every=args.heartbeat,
+        check_every=min(60.0, max(1.0, args.min_uptime)),
+    )
+    config = DaemonConfig(
+        state_path,
+        login_server,
+        ca_key,
+        sock,
+        allow_supernode=args.allow_supernode,
+        interface=args.interface,
+        tcp_port=args.port,
+        udp_port=args.udp_port,
+        policy=policy,
+    )
+    return config, state
 
 
 def run(args: argparse.Namespace) -> int:

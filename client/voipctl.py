@@ -152,6 +152,28 @@ def format_status(result: dict[str, Any], now: float) -> str:
     if account.get("last_error"):
         lines.append(str(account["last_error"]))
     lines.append(f"Login server: {account.get('login_server')}.")
+    overlay = result.get("overlay") or {}
+    if account.get("state") == "logged-in":
+        sn = overlay.get("supernode")
+        if sn:
+            rtt = sn.get("rtt")
+            shown = f", RTT {rtt * 1000:.0f} ms" if isinstance(rtt, int | float) else ""
+            lines.append(f"Attached to supernode {sn['host']}:{sn['port']}{shown}.")
+        else:
+            reason = overlay.get("last_error") or "looking for one"
+            lines.append(f"Not attached to a supernode ({reason}).")
+    role = result.get("supernode") or {}
+    if role.get("active"):
+        lines.append(
+            f"Role: supernode, slot {role.get('slot')} of {role.get('slots')}, "
+            f"block {role.get('block')}, {role.get('attached')} attached nodes, "
+            f"{role.get('records')} records."
+        )
+    elif role.get("allowed"):
+        why = role.get("refusal") or "checking eligibility"
+        lines.append(f"Role: ordinary node (may become a supernode; {why}).")
+    else:
+        lines.append("Role: ordinary node.")
     daemon = result.get("daemon", {})
     lines.append(
         f"voipd {daemon.get('version')} (pid {daemon.get('pid')}), "
@@ -176,6 +198,41 @@ def cmd_status(args: argparse.Namespace) -> int:
         print_json(result)
     else:
         print(format_status(result, time.time()))
+    return 0
+
+
+def _ago(seconds: float) -> str:
+    return "just now" if seconds < 60 else f"{_span(seconds)} ago"
+
+
+def format_search(result: dict[str, Any], now: float) -> str:
+    name = result["username"]
+    rounds = result["rounds"]
+    how = f"{rounds} round{'s' if rounds != 1 else ''}, {result['elapsed'] * 1000:.0f} ms"
+    outcome = result["outcome"]
+    if outcome == "found":
+        where = f" (attached to SN {result['supernode']})" if "supernode" in result else ""
+        status = result.get("status", "online")
+        state = "online" if status == "online" else f"online, {status}"
+        return f"{name} is {state}{where}, found in {how}."
+    if outcome == "offline":
+        seen = _ago(now - float(result.get("last_seen", now)))
+        return f"{name} is offline (last seen {seen}), found in {how}."
+    if outcome == "not-found":
+        return f"No such user, or {name} has not been online in the last 72 h ({how})."
+    raise DaemonError(
+        f"Search for {name} failed: no supernode gave an answer ({result['asked']} asked, "
+        f"{result['timeouts']} did not answer).",
+        "search-failed",
+    )
+
+
+def cmd_search(args: argparse.Namespace) -> int:
+    result = call(args.socket, "search", {"username": args.username}, _progress(args))
+    if args.json:
+        print_json(result)
+        return 0 if result["outcome"] != "failed" else 1
+    print(format_search(result, time.time()))
     return 0
 
 
@@ -243,6 +300,8 @@ def build_parser() -> argparse.ArgumentParser:
                 help="stay logged in when voipd restarts (keeps a key in the state directory)",
             )
     sub.add_parser("logout", parents=[common], help="log out")
+    search = sub.add_parser("search", parents=[common], help="find a user in the overlay")
+    search.add_argument("username")
     return parser
 
 
@@ -251,6 +310,7 @@ COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
     "register": cmd_register,
     "login": cmd_login,
     "logout": cmd_logout,
+    "search": cmd_search,
 }
 
 

@@ -200,6 +200,11 @@ class Supernode:
         old = self.view
         self.view = view
         if old is not None and old.prefix == view.prefix:
+            known = {p.node_id for p in old.peers}
+            joined = [p for p in view.peers if p.node_id not in known]
+            if joined and self.synced:
+                # They pulled when they joined, perhaps before records we took since.
+                self._push_records(joined)
             return
         prefix = view.prefix
         held = self.held
@@ -373,6 +378,21 @@ class Supernode:
             return SearchReferral(rid, self.view.own_slot.members, "slot")
         assert isinstance(route, Refer)
         return SearchReferral(rid, route.contacts, route.level)
+
+    def _push_records(self, peers: list[SupernodeInfo]) -> None:
+        """Store every record of our slot at ``peers`` (new members of our slot)."""
+        assert self.view is not None
+        records = self.index.export(self.view.prefix.start, self.view.prefix.end)
+        window = DeferredSemaphore(HANDOFF_PARALLEL)
+
+        def store(peer: SupernodeInfo, blob: bytes) -> Deferred[Message]:
+            return self.udp.request(
+                (peer.host, peer.udp_port), lambda rid: Store(rid, blob), timeout=PEER_TIMEOUT
+            )
+
+        pushes = [window.run(store, peer, blob) for peer in peers for blob in records]
+        DeferredList(pushes, consumeErrors=True)
+        self.counters["pushed"] += len(pushes)
 
     def _hand_off(self, retired: Prefix, attempt: int) -> None:
         """Store the records of a range we stopped serving at its new slot (records move

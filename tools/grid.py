@@ -85,6 +85,7 @@ class Grid:
         heartbeat_every: float = 2.0,
         keepalive: float = 15.0,
         silence_timeout: float = 2.0,
+        evict_after: float | None = None,
         seed: int = 1,
     ) -> None:
         self.reactor = reactor
@@ -92,6 +93,7 @@ class Grid:
         self.heartbeat_every = heartbeat_every
         self.keepalive = keepalive
         self.silence_timeout = silence_timeout
+        self.evict_after = evict_after if evict_after is not None else heartbeat_every * 5
         self.rng = random.Random(seed)
         self.supernodes: list[GridSupernode] = []
         self.users: dict[str, GridUser] = {}
@@ -117,7 +119,7 @@ class Grid:
             NetworkProber(self.reactor, prober_udp),
             record_certificate=store.record_certificate,
             min_supernodes=min_supernodes,
-            evict_after=self.heartbeat_every * 5,
+            evict_after=self.evict_after,
         )
         self.login = LoginServer(
             self.reactor, store, ca_key, hash_cost=MIN_COST, registry=self.registry
