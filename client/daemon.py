@@ -36,7 +36,6 @@ from overlay.errors import VoipError
 from overlay.hostcache import HostCache
 from overlay.identity import DEFAULT_COST, IdentityKey, KdfCost, read_trust_anchor
 from overlay.listening import ListeningService
-from overlay.slotmap import SupernodeInfo
 from overlay.supernode import Supernode
 from overlay.terminal import run_command
 from overlay.usernames import canonical_username
@@ -121,16 +120,7 @@ class Daemon(MultiService):
             ports.clear()
             return defer.gatherResults(closing).addCallback(lambda _: None)
 
-        async def locate(username: str) -> SupernodeInfo | None:
-            assert supernode.info is not None
-            result = await searcher.search(username, [supernode.info])
-            record = result.record
-            if result.outcome != "found" or record is None or record.supernode is None:
-                return None
-            a = record.supernode
-            return SupernodeInfo(a.node_id, a.host, a.tcp_port, a.udp_port)
-
-        supernode.locate_user = lambda username: Deferred.fromCoroutine(locate(username))
+        searcher.serve_lookups_for(supernode)
         client = LoginClient(reactor, config.login_server, config.ca_key)
         self.supernode = supernode
         self.role = SupernodeRole(

@@ -58,6 +58,7 @@ from overlay.overlay_protocol import (
 from overlay.presence import Attachment, PresenceRecord, SignedPresence, Status, is_current, sign
 from overlay.search import Found, NotFound, Referral, Reply, SearchResult, iterative_search
 from overlay.slotmap import SupernodeInfo
+from overlay.supernode import Supernode
 
 RECORD_LIFETIME = 15 * 60
 OFFLINE_LIFETIME = 72 * 3600
@@ -153,6 +154,26 @@ class Searcher:
         again.bad_records += result.bad_records
         again.path = result.path + again.path
         return again
+
+    async def attachment_of(
+        self, username: str, start: list[SupernodeInfo]
+    ) -> SupernodeInfo | None:
+        """The supernode ``username`` is attached to, if online (a search from ``start``)."""
+        result = await self.search(username, start)
+        record = result.record
+        if result.outcome != "found" or record is None or record.supernode is None:
+            return None
+        a = record.supernode
+        return SupernodeInfo(a.node_id, a.host, a.tcp_port, a.udp_port)
+
+    def serve_lookups_for(self, supernode: Supernode) -> None:
+        """Let ``supernode`` find where users are attached (to forward messages to them)."""
+
+        def locate(username: str) -> Deferred[SupernodeInfo | None]:
+            assert supernode.info is not None
+            return Deferred.fromCoroutine(self.attachment_of(username, [supernode.info]))
+
+        supernode.locate_user = locate
 
 
 class SupernodeLink(ClientConnection):

@@ -159,16 +159,7 @@ class Grid:
                 lambda _: None
             )
 
-        async def locate(username: str) -> SupernodeInfo | None:
-            assert supernode.info is not None
-            result = await searcher.search(username, [supernode.info])
-            record = result.record
-            if result.outcome != "found" or record is None or record.supernode is None:
-                return None
-            a = record.supernode
-            return SupernodeInfo(a.node_id, a.host, a.tcp_port, a.udp_port)
-
-        supernode.locate_user = lambda username: Deferred.fromCoroutine(locate(username))
+        searcher.serve_lookups_for(supernode)
         policy = PromotionPolicy(
             min_uptime=0.0, heartbeat_every=self.heartbeat_every, check_every=self.heartbeat_every
         )
