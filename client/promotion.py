@@ -131,7 +131,8 @@ class SupernodeRole:
         def done(next_delay: float | None) -> None:
             self._busy = False
             jitter = self.rng.uniform(0.9, 1.1)
-            self._schedule((next_delay or self.policy.check_every) * jitter)
+            delay = self.policy.check_every if next_delay is None else next_delay
+            self._schedule(delay * jitter)
 
         d.addCallback(done)
 
