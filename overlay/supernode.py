@@ -653,6 +653,11 @@ class SupernodeConnection(FramedConnection):
 
         Deferred.fromCoroutine(work).addCallbacks(self.send, failed)
 
+    def bad_message(self, request: str, exc: ProtocolError) -> None:
+        """Answer what we could not understand (naming it), and count it."""
+        self.supernode.counters["bad-frames" if request == "frame" else "bad-messages"] += 1
+        self.send_error(0, request, exc)
+
     def push(self, build: Callable[[int], Message]) -> Deferred[Message]:
         """Send a request to the attached node and wait for its reply."""
         rid = self._next_rid
