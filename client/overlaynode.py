@@ -180,7 +180,10 @@ class SupernodeLink(ClientConnection):
     """The TCP connection to the supernode a node is attached to."""
 
     def __init__(self, node: OverlayNode, info: SupernodeInfo) -> None:
-        super().__init__(node.clock, info.node_id, node.silence_timeout * 4, "the supernode")
+        # Silence longer than a keep-alive round means the supernode is gone (the keep-alive's
+        # answer resets this timer); shorter would drop a healthy link between keep-alives.
+        idle = node.keepalive + 2 * node.silence_timeout
+        super().__init__(node.clock, info.node_id, idle, "the supernode")
         self.node = node
         self.info = info
 

@@ -2,9 +2,14 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import pytest
-from twisted.internet.task import Clock
+from twisted.internet.defer import fail, succeed
+from twisted.internet.error import ConnectionRefusedError
+from twisted.internet.task import Clock, LoopingCall
 from twisted.internet.testing import StringTransport
+from twisted.test import iosim
 
 from client.overlaynode import OverlayNode, SupernodeLink
 from overlay.certificate import Role, issue
@@ -14,10 +19,11 @@ from overlay.errors import ProtocolError
 from overlay.framing import Frame
 from overlay.hostcache import HostCache
 from overlay.identity import IdentityKey
-from overlay.login_protocol import supernode_name
+from overlay.login_protocol import Contact, supernode_name
 from overlay.messages import Error, decode
-from overlay.slotmap import SupernodeInfo
+from overlay.slotmap import SlotMap, SupernodeInfo
 from overlay.supernode import Supernode
+from tools.memnet import MemoryNetwork
 
 CA = IdentityKey.from_seed(bytes(range(32)))
 NOW = 1_700_000_000.0
@@ -84,3 +90,140 @@ def test_garbage_on_a_supernodes_tcp_port_is_answered_and_that_connection_closed
     # A silent connection is closed after the handshake timeout, on the clock.
     clock.advance(11)
     assert good_wire.disconnecting
+
+
+# -- attaching, keep-alive and re-attaching on an injected clock -------------------------------
+
+
+class Net:
+    """Supernodes and one node on an in-memory UDP network, TCP through iosim pumps."""
+
+    def __init__(self, count: int) -> None:
+        self.clock = Clock()
+        self.clock.advance(NOW)
+        self.udp = MemoryNetwork(self.clock, latency=0.001)
+        self.pumps: list[Any] = []
+        self.down: set[bytes] = set()
+        self.sns: dict[bytes, Supernode] = {}
+        infos = []
+        for n in range(count):
+            key = IdentityKey.from_seed((1000 + n).to_bytes(32, "big"))
+            info = SupernodeInfo(key.public_key, f"10.9.0.{n + 1}", 7100, 7101)
+            sn = Supernode(self.clock, key, CA.public_key)
+            self.udp.attach(sn.udp, (info.host, info.udp_port))
+            self.sns[key.public_key] = sn
+            infos.append(info)
+        slot_map = SlotMap.empty().with_supernodes(infos)
+        for info in infos:
+            cert = issue(
+                CA,
+                supernode_name(info.node_id),
+                info.node_id,
+                serial=1,
+                now=NOW,
+                role=Role.SUPERNODE,
+            )
+            self.sns[info.node_id].admitted(bytes(cert), slot_map.view_for(info.node_id), info)
+        self.infos = infos
+        self.flusher = LoopingCall(self.flush)
+        self.flusher.clock = self.clock
+        self.flusher.start(0.001)
+
+    def flush(self) -> None:
+        for pump in list(self.pumps):
+            pump.flush()
+
+    def endpoint(self, reactor: Any, host: str, port: int, timeout: float) -> Any:
+        net = self
+
+        class Endpoint:
+            def connect(self, factory: Any) -> Any:
+                sn = next(s for s in net.sns.values() if s.info and s.info.host == host)
+                if sn.node_id in net.down:
+                    return fail(ConnectionRefusedError())
+                client = factory.buildProtocol(None)
+                server = sn.factory().buildProtocol(None)
+                net.pumps.append(
+                    iosim.connect(
+                        server,
+                        iosim.FakeTransport(server, True),
+                        client,
+                        iosim.FakeTransport(client, False),
+                        greet=False,
+                    )
+                )
+                return succeed(client)
+
+        return Endpoint()
+
+    def kill(self, node_id: bytes) -> None:
+        sn = self.sns[node_id]
+        self.down.add(node_id)
+        self.udp.detach((sn.info.host, sn.info.udp_port))  # type: ignore[union-attr]
+        for connection in list(sn.attached.values()):
+            connection.transport.loseConnection()  # type: ignore[union-attr]
+
+    def node(self, name: str) -> OverlayNode:
+        udp = DatagramEndpoint(self.clock)
+        self.udp.attach(udp, ("10.9.1.1", 5000))
+        node = OverlayNode(
+            self.clock,
+            CA.public_key,
+            HostCache(None, self.clock),
+            udp,
+            keepalive=15.0,
+            silence_timeout=2.0,
+            endpoint_factory=self.endpoint,
+        )
+        identity = IdentityKey.generate()
+        cert = issue(CA, name, identity.public_key, serial=1, now=NOW)
+        node.start(
+            identity,
+            cert,
+            tuple(Contact(i.host, i.tcp_port, i.udp_port, i.node_id) for i in self.infos),
+        )
+        return node
+
+    def run(self, seconds: float, step: float = 0.005) -> None:
+        for _ in range(round(seconds / step)):
+            self.clock.advance(step)
+
+
+def test_a_node_attaches_publishes_and_keeps_alive() -> None:
+    net = Net(3)
+    node = net.node("alice")
+    net.run(0.5)
+    assert node.status()["attached"] and node.replicas == 3
+    attached_to = node.link.info.node_id  # type: ignore[union-attr]
+    assert "alice" in net.sns[attached_to].attached
+    attaches = net.sns[attached_to].counters["attached"]
+    net.run(40.0, step=0.05)  # keep-alives every 15 s keep the same link open
+    assert node.link is not None and node.link.info.node_id == attached_to
+    assert net.sns[attached_to].counters["attached"] == attaches
+    assert node.attachments == 1
+
+
+def test_when_its_supernode_dies_the_node_attaches_to_the_next_at_once() -> None:
+    net = Net(3)
+    node = net.node("alice")
+    net.run(0.5)
+    first = node.link.info.node_id  # type: ignore[union-attr]
+    net.kill(first)
+    net.run(0.5)
+    assert node.status()["attached"]
+    assert node.link.info.node_id != first  # type: ignore[union-attr]
+    assert node.attachments == 2
+
+
+def test_with_every_supernode_gone_the_node_backs_off_and_never_spins() -> None:
+    net = Net(2)
+    node = net.node("alice")
+    net.run(0.5)
+    for node_id in list(net.sns):
+        net.kill(node_id)
+    net.run(30.0, step=0.05)
+    assert not node.status()["attached"]
+    # Backoff: 0.5 s doubling to 10 s (with jitter): a handful of tries in 30 s, not hundreds.
+    pings = net.udp.counters["sent"]
+    assert pings < 200
+    assert node.last_error in ("No supernode answered.", "No supernode known yet.")
