@@ -6,11 +6,19 @@ critical event while it ran: an error nobody looked at is a bug even if the test
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterator
 from typing import Any
 
 import pytest
+from hypothesis import settings
 from twisted.logger import LogLevel, globalLogPublisher
+
+# In CI the property tests draw the same examples every run (a red CI is then reproducible,
+# never a roll of the dice); locally they explore new ones each time.
+settings.register_profile("ci", derandomize=True, print_blob=True)
+if os.environ.get("CI"):
+    settings.load_profile("ci")
 
 
 class LoggedErrors:
