@@ -162,7 +162,9 @@ class Daemon(MultiService):
         if self.role is not None:
             self.role.stop()
         if self.node.running:
-            Deferred.fromCoroutine(self.node.stop(publish_offline=False))
+            Deferred.fromCoroutine(self.node.stop(publish_offline=False)).addErrback(
+                self._leave_failed
+            )
         if self.udp_port is not None:
             self.udp_port.stopListening()
         result = super().stopService()  # type: ignore[no-untyped-call]

@@ -190,10 +190,9 @@ class SupernodeLink(ClientConnection):
     def check_hello(self, reply: HelloReply) -> None:
         if reply.certificate is None:
             raise ProtocolError("The supernode showed no supernode certificate.")
-        SignedCertificate.parse(reply.certificate).verify(
-            self.node.ca_public_key, self.clock.seconds(), Role.SUPERNODE
-        )
-        if SignedCertificate.parse(reply.certificate).public_key != self.info.node_id:
+        signed = SignedCertificate.parse(reply.certificate)
+        signed.verify(self.node.ca_public_key, self.clock.seconds(), Role.SUPERNODE)
+        if signed.public_key != self.info.node_id:
             raise ProtocolError("The supernode's certificate is for another key.")
 
     def on_request(self, message: Message) -> None:

@@ -69,6 +69,7 @@ from overlay.overlay_protocol import (
 )
 from overlay.presence import PresenceError, SignedPresence
 from overlay.slotmap import Refer, RoutingView, Serve, SupernodeInfo
+from overlay.usernames import canonical_username
 
 REACH_CONTEXT = b"voip-reach-v1"
 ATTACH_IDLE_TIMEOUT = 60.0
@@ -164,8 +165,6 @@ class Supernode:
         self.synced = False
         #: The key range whose records this supernode holds completely (None: none yet).
         self.held: Prefix | None = None
-        #: Hand-offs of records of ranges we left, still to finish.
-        self.handoffs_pending = 0
         #: Ranges held before the slot changed, kept until the time given, for pulls only.
         self.retired: list[tuple[Prefix, float]] = []
         self.index = PresenceIndex(clock, ca_public_key, self._owns)
@@ -213,7 +212,6 @@ class Supernode:
             # members all move or merge at once, they are the only copies.
             self.retired.append((held, self.clock.seconds() + RETIRE_AFTER))
             self.clock.callLater(RETIRE_AFTER, self._forget, held)
-            self.handoffs_pending += 1
             self.clock.callLater(HANDOFF_DELAY, self._hand_off, held, 1)
         if held is not None and prefix.covers(held):
             self.held = held
@@ -398,24 +396,25 @@ class Supernode:
         """Store the records of a range we stopped serving at its new slot (records move
         with slots); what no new member accepted is tried again later."""
         serving = self.view.prefix if self.view is not None else None
-        records = [
-            blob
+        keyed = [
+            (user_key(_username_of(blob)), blob)
             for blob in self.index.export(retired.start, retired.end)
-            if serving is None or not serving.contains(user_key(_username_of(blob)))
+        ]
+        records = [
+            (key, blob) for key, blob in keyed if serving is None or not serving.contains(key)
         ]
         if not records or self.view is None:
-            self.handoffs_pending -= 1
             return
 
-        async def place(blob: bytes) -> bool:
+        async def place(key: int, blob: bytes) -> bool:
             try:
-                return await self.replicate(blob, user_key(_username_of(blob))) > 0
+                return await self.replicate(blob, key) > 0
             except VoipError:
                 return False
 
         async def move() -> None:
             window = DeferredSemaphore(HANDOFF_PARALLEL)
-            placed = await gatherResults([window.run(place, blob) for blob in records])
+            placed = await gatherResults([window.run(place, key, blob) for key, blob in records])
             unplaced = placed.count(False)
             self.counters["handed-off"] += len(records) - unplaced
             if unplaced and attempt < SYNC_ATTEMPTS:
@@ -527,6 +526,7 @@ class Supernode:
     locate_user: Callable[[str], Deferred[SupernodeInfo | None]] | None = None
 
     async def send(self, sender: str, to: str, envelope: bytes) -> None:
+        to = canonical_username(to)
         if to in self.attached:
             if await self.deliver_local(to, envelope):
                 return
@@ -624,6 +624,8 @@ class SupernodeConnection(FramedConnection):
         proof = proof_message(self.session.transcript, cert.username, cert.public_key)
         if not verify_signature(cert.public_key, proof, message.proof):
             raise ProtocolError("The attach proof did not verify.")
+        if self.username is not None and self.username != cert.username:
+            sn.detach(self.username, self)  # one connection carries one user at a time
         sn.attach(cert.username, self)
         self.username = cert.username
         sn.counters["attached"] += 1
@@ -665,6 +667,12 @@ class SupernodeConnection(FramedConnection):
         waiter: Deferred[Message] = Deferred()
         self._waiting[rid] = waiter
         waiter.addTimeout(DELIVERY_TIMEOUT, self.clock)
+
+        def settled(result: Any) -> Any:
+            self._waiting.pop(rid, None)  # answered, timed out or failed: nobody waits any more
+            return result
+
+        waiter.addBoth(settled)
         self.send(build(rid))
         return waiter
 

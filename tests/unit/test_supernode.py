@@ -737,6 +737,8 @@ def test_a_node_that_never_acks_is_not_delivered_to_after_the_timeout(twenty: Ov
     link.settle(0.2)
     assert got == [False]
     assert len(link.node.pushed) == 1
+    connection = sn.attached["alice"]
+    assert connection._waiting == {}  # the timed-out wait is forgotten, not kept for ever
 
 
 def test_send_to_a_user_on_the_same_supernode_is_delivered(twenty: Overlay) -> None:
@@ -750,6 +752,11 @@ def test_send_to_a_user_on_the_same_supernode_is_delivered(twenty: Overlay) -> N
     [reply] = got
     assert isinstance(reply, Sent), reply
     assert bob.node.pushed == [Incoming(1, b"hello bob")]
+    # Usernames are case-insensitive: "Bob" is bob.
+    got = results(alice.node.request(lambda rid: Send(rid, "Bob", b"hello again")))
+    alice.settle(0.05, bob)
+    assert isinstance(got[0], Sent), got
+    assert bob.node.pushed[-1] == Incoming(2, b"hello again")
 
 
 def test_send_to_an_attached_user_who_never_acks_fails_after_the_timeout(twenty: Overlay) -> None:
