@@ -82,6 +82,7 @@ class Account:
         self.identity: IdentityKey | None = None
         self.certificate: SignedCertificate | None = None
         self.bootstrap: tuple[Any, ...] = ()
+        self._refreshing = False
         self.stay_logged_in = False
         self.last_error: str | None = None
         self.renewals = 0
@@ -230,6 +231,19 @@ class Account:
     def _changed(self) -> None:
         for callback in list(self.on_change):
             callback()
+
+    def refresh(self) -> None:
+        """Renew now (for a fresh bootstrap list when the overlay knows no supernode)."""
+        if self.state is State.LOGGED_IN and not self._refreshing:
+            self._refreshing = True
+            self._cancel()
+            self._renew().addBoth(self._refreshed)
+
+    def _refreshed(self, result: Any) -> Any:
+        self._refreshing = False
+        if self.state is State.LOGGED_IN and self._renewal is None and self.certificate:
+            self._schedule(self._renewal_due())
+        return result
 
     def _renewal_due(self) -> float:
         assert self.certificate is not None

@@ -25,12 +25,17 @@ from twisted.logger import FileLogObserver, Logger, formatEventAsClassicLogText,
 from twisted.python.failure import Failure
 
 from client.account import Account, NotLoggedIn, Progress
+from client.callmanager import CallManager
+from client.callparts import call_environment, netcheck
+from client.calls import AudioOptions
+from client.candidates import parse_address as parse_candidate_address
 from client.control import ControlFactory, Handler
 from client.loginclient import LoginClient, parse_address
 from client.overlaynode import OverlayNode, Searcher
 from client.paths import MAX_SOCKET_PATH, default_socket_path, default_state_dir
 from client.promotion import PromotionPolicy, SupernodeRole
 from client.state import StateDir, StateError
+from overlay.certificate import SignedCertificate
 from overlay.datagram import DatagramEndpoint
 from overlay.errors import VoipError
 from overlay.hostcache import HostCache
@@ -41,6 +46,13 @@ from overlay.terminal import run_command
 from overlay.usernames import canonical_username
 
 PROGRAM = "voipd"
+#: Logged in with no supernode known: ask the login server again after this, doubling to the max.
+STARVED_FIRST = 5.0
+STARVED_MAX = 300.0
+#: At shutdown, how long a supernode may take to hand its nodes over and say goodbye.
+LEAVE_GRACE = 4.0
+#: How often the NAT kind in our presence record is checked again.
+NAT_RECHECK = 600.0
 VERSION = "0.1.0"
 
 
@@ -58,6 +70,8 @@ class DaemonConfig:
     tcp_port: int = 0
     udp_port: int = 0
     policy: PromotionPolicy = PromotionPolicy()  # noqa: RUF009 - frozen, shared safely
+    #: Machines whose transitions are logged (``--debug-state call``).
+    debug_state: frozenset[str] = frozenset()
 
 
 log = Logger()
@@ -85,6 +99,23 @@ class Daemon(MultiService):
         self.udp = DatagramEndpoint(reactor)
         self.udp_port: Any = None
         self.node = OverlayNode(reactor, config.ca_key, self.hostcache, self.udp)
+        self.calls = CallManager(
+            call_environment(
+                reactor,
+                config.interface,
+                self._stun_server,
+                trace=self._trace_call if "call" in config.debug_state else None,
+            ),
+            config.ca_key,
+            self._credentials,
+            self.node.send,
+            self.node.search,
+        )
+        self.node.on_message.append(self.calls.received)
+        self._starved_timer: Any = None
+        self._nat_checking = False
+        self._nat_checked_at: float | None = None
+        self._starved_every = STARVED_FIRST
         self.account.on_change.append(self._account_changed)
         self.supernode: Supernode | None = None
         self.role: SupernodeRole | None = None
@@ -97,6 +128,10 @@ class Daemon(MultiService):
             "login": self.cmd_login,
             "logout": self.cmd_logout,
             "ping": self.cmd_ping,
+            "call": self.cmd_call,
+            "answer": self.cmd_answer,
+            "hangup": self.cmd_hangup,
+            "netcheck": self.cmd_netcheck,
         }
         endpoint = UNIXServerEndpoint(reactor, str(config.socket), mode=0o600, wantPID=False)
         ListeningService(endpoint, ControlFactory(handlers)).attach(self)
@@ -140,13 +175,76 @@ class Daemon(MultiService):
                 self.node.start(account.identity, account.certificate, account.bootstrap)
             else:
                 self.node.update_certificate(account.certificate)
+                self.node.learn(account.bootstrap)
         elif self.node.running:
+            self.calls.stop()
             Deferred.fromCoroutine(self.node.stop()).addErrback(self._leave_failed)
+
+    def _check_starved(self) -> None:
+        """Logged in but no supernode known (we logged in before any existed): ask again."""
+        self._starved_timer = None
+        starved = (
+            self.account.certificate is not None
+            and self.node.running
+            and self.node.link is None
+            and len(self.hostcache) == 0
+        )
+        if starved:
+            log.info("no supernode known; asking the login server for some")
+            self.account.refresh()
+            self._starved_every = min(STARVED_MAX, self._starved_every * 2)
+        else:
+            self._starved_every = STARVED_FIRST
+        if self.node.link is not None and not self._nat_checking:
+            last = self._nat_checked_at
+            if last is None or self.reactor.seconds() - last > NAT_RECHECK:
+                self._nat_checking = True
+                Deferred.fromCoroutine(self._check_nat()).addErrback(self._nat_failed)
+        self._starved_timer = self.reactor.callLater(self._starved_every, self._check_starved)
+
+    async def _check_nat(self) -> None:
+        """What kind of NAT are we behind? It goes into our presence record."""
+        try:
+            report = await self.cmd_netcheck({}, lambda _: None)
+        finally:
+            self._nat_checking = False
+            self._nat_checked_at = self.reactor.seconds()
+        reflexive = parse_candidate_address(report["reflexive"]) if report["reflexive"] else None
+        kind = str(report["kind"]).lower().replace(" ", "-").replace("(", "").replace(")", "")
+        self.node.set_nat(reflexive, kind[:32])
+
+    def _nat_failed(self, failure: Failure) -> None:
+        if isinstance(failure.value, VoipError):
+            log.info("NAT check failed: {error}", error=failure.value)
+        else:
+            log.failure("NAT check failed", failure)
+
+    def _credentials(self) -> tuple[IdentityKey, SignedCertificate] | None:
+        account = self.account
+        if account.identity is None or account.certificate is None:
+            return None
+        return account.identity, account.certificate
+
+    def _stun_server(self) -> tuple[str, int] | None:
+        link = self.node.link
+        if link is None:
+            return None
+        return link.info.host, link.info.udp_port
+
+    def _trace_call(self, call_id: bytes, old: str, event: str, new: str) -> None:
+        log.info(
+            "call {call}: {old} --{event}--> {new}",
+            call=call_id.hex()[:8],
+            old=old,
+            event=event,
+            new=new,
+        )
 
     def _leave_failed(self, failure: Failure) -> None:
         log.failure("leaving the overlay failed", failure)
 
     def startService(self) -> None:
+        self._starved_timer = self.reactor.callLater(STARVED_FIRST, self._check_starved)
         self.hostcache.load()
         self.udp_port = self.reactor.listenUDP(0, self.udp, interface=self.config.interface)
         if self.role is not None:
@@ -159,15 +257,27 @@ class Daemon(MultiService):
             os.umask(old)
 
     def stopService(self) -> Any:
+        if self._starved_timer is not None and self._starved_timer.active():
+            self._starved_timer.cancel()
+        self.calls.stop()
+        leaving: Deferred[None] = defer.succeed(None)
         if self.role is not None:
-            self.role.stop()
+            # A supernode hands its nodes over and tells the login server before it goes; a
+            # slow login server must not hold the shutdown up for long.
+            leaving = Deferred.fromCoroutine(self.role.leave("voipd is stopping"))
+            leaving.addTimeout(LEAVE_GRACE, self.reactor)
+            leaving.addErrback(self._leave_failed)
         if self.node.running:
             Deferred.fromCoroutine(self.node.stop(publish_offline=False)).addErrback(
                 self._leave_failed
             )
         if self.udp_port is not None:
             self.udp_port.stopListening()
-        result = super().stopService()  # type: ignore[no-untyped-call]
+
+        def stop_the_rest(_: None) -> Any:
+            return super(Daemon, self).stopService()  # type: ignore[no-untyped-call]
+
+        result = leaving.addCallback(stop_the_rest)
 
         def remove_socket(passthrough: Any) -> Any:
             # Only once the port has closed: it unlinks its socket itself, and fails (leaving
@@ -190,6 +300,7 @@ class Daemon(MultiService):
             "account": self.account.status(),
             "overlay": self.node.status(),
             "supernode": self.role.status() if self.role is not None else {"allowed": False},
+            "call": self.calls.status(),
         }
 
     async def cmd_search(self, args: dict[str, Any], progress: Progress) -> dict[str, Any]:
@@ -211,6 +322,7 @@ class Daemon(MultiService):
         if record is not None:
             document["status"] = record.status.value
             document["last_seen"] = record.issued_at
+            document["nat_type"] = record.nat_type
             if record.supernode is not None:
                 document["supernode"] = f"{record.supernode.host}:{record.supernode.tcp_port}"
         return document
@@ -233,6 +345,33 @@ class Daemon(MultiService):
     async def cmd_ping(self, args: dict[str, Any], progress: Progress) -> dict[str, Any]:
         return {"pong": True, "pid": os.getpid()}
 
+    async def cmd_call(self, args: dict[str, Any], progress: Progress) -> dict[str, Any]:
+        name = canonical_username(_text(args, "username"))
+        if self.account.username is None:
+            raise NotLoggedIn()
+        return await self.calls.place(name, _audio_options(args), progress)
+
+    async def cmd_answer(self, args: dict[str, Any], progress: Progress) -> dict[str, Any]:
+        if self.account.username is None:
+            raise NotLoggedIn()
+        wait = args.get("wait", 0)
+        if not isinstance(wait, int | float) or isinstance(wait, bool) or not 0 <= wait <= 86400:
+            raise BadRequest("--wait must be a number of seconds between 0 and 86400.")
+        return await self.calls.answer(_audio_options(args), float(wait), progress)
+
+    async def cmd_hangup(self, args: dict[str, Any], progress: Progress) -> dict[str, Any]:
+        return self.calls.hangup()
+
+    async def cmd_netcheck(self, args: dict[str, Any], progress: Progress) -> dict[str, Any]:
+        servers = [(sn.host, sn.udp_port) for sn in self.hostcache.ranked()[:3]]
+        if self.node.link is not None:
+            own = (self.node.link.info.host, self.node.link.info.udp_port)
+            servers = [own, *[s for s in servers if s != own]][:3]
+        if not servers:
+            raise NoSupernodeKnown()
+        progress(f"Asking {len(servers)} supernode(s) how they see us...")
+        return await netcheck(self.reactor, self.config.interface, servers)
+
 
 def _node_key(state: StateDir) -> IdentityKey:
     """This daemon's node key (its identity as a supernode), made on first use."""
@@ -248,6 +387,27 @@ class BadRequest(VoipError):
     """voipctl sent a request voipd cannot use."""
 
     code = "bad-request"
+
+
+class NoSupernodeKnown(VoipError):
+    """No supernode is known yet to check the network with; log in first."""
+
+    code = "no-supernode"
+
+
+def _audio_options(args: dict[str, Any]) -> AudioOptions:
+    paths: dict[str, str | None] = {}
+    for name in ("play", "record"):
+        value = args.get(name)
+        if value is not None and not (isinstance(value, str) and os.path.isabs(value)):
+            raise BadRequest(f"--{name} must be an absolute path.")
+        paths[name] = value
+    duration = args.get("duration")
+    if duration is not None and (
+        not isinstance(duration, int | float) or isinstance(duration, bool) or duration <= 0
+    ):
+        raise BadRequest("--duration must be a positive number of seconds.")
+    return AudioOptions(paths["play"], paths["record"], duration)
 
 
 def _text(args: dict[str, Any], name: str) -> str:
@@ -295,6 +455,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="the upstream bandwidth you offer, kbit/s (10000; at least 1000 to volunteer)",
     )
     sn.add_argument("--heartbeat", type=float, default=20.0, help="seconds between heartbeats (20)")
+    parser.add_argument(
+        "--debug-state",
+        action="append",
+        choices=["call"],
+        default=[],
+        help="log every transition of these state machines",
+    )
     parser.add_argument("--version", action="version", version=f"{PROGRAM} {VERSION}")
     return parser
 
@@ -367,6 +534,7 @@ def config_from_args(args: argparse.Namespace) -> tuple[DaemonConfig, StateDir]:
         tcp_port=args.port,
         udp_port=args.udp_port,
         policy=policy,
+        debug_state=frozenset(args.debug_state),
     )
     return config, state
 

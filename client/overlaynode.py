@@ -4,11 +4,13 @@
 - Attaching: probe up to ``probe_count`` cached supernodes over UDP for round-trip time, connect
   over TCP to the best, prove the user's certificate key on the supernode's channel (whose
   node key is pinned and whose supernode certificate is checked), then publish a signed
-  presence record.  The record is republished before it expires.
+  presence record.  The record is republished every third of its lifetime, and a refused
+  republish is tried again after ``PUBLISH_RETRY`` seconds, so it never lapses while attached.
 - A keep-alive ping every ``keepalive`` seconds (below NAT timeouts); a supernode that does not
   answer within ``silence_timeout``, or whose connection drops, is left, and the node attaches
   to the next best at once; repeated failures back off with jitter (0.5 s doubling to 10 s).
-- A supernode that leaves sends ``migrate``: the node attaches elsewhere first, then lets go.
+- A supernode that leaves sends ``migrate``: the node attaches elsewhere and publishes its new
+  record first, then lets go (so messages for it never find it unreachable).
 - Searching is iterative (``overlay.search``) over UDP, starting at the attached supernode.
 
 Time and randomness are injected; nothing here sleeps.
@@ -17,6 +19,7 @@ Time and randomness are injected; nothing here sleeps.
 from __future__ import annotations
 
 import random
+from collections import deque
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -55,7 +58,15 @@ from overlay.overlay_protocol import (
     Sent,
     SnPing,
 )
-from overlay.presence import Attachment, PresenceRecord, SignedPresence, Status, is_current, sign
+from overlay.presence import (
+    Address,
+    Attachment,
+    PresenceRecord,
+    SignedPresence,
+    Status,
+    is_current,
+    sign,
+)
 from overlay.search import Found, NotFound, Referral, Reply, SearchResult, iterative_search
 from overlay.slotmap import SupernodeInfo
 from overlay.supernode import Supernode
@@ -63,6 +74,10 @@ from overlay.supernode import Supernode
 RECORD_LIFETIME = 15 * 60
 OFFLINE_LIFETIME = 72 * 3600
 PUBLISH_RETRY = 2.0
+
+
+#: Delivered envelopes kept for inspection.
+INBOX_MEMORY = 100
 
 
 class SupernodeSilent(VoipError):
@@ -252,9 +267,14 @@ class OverlayNode:
         #: Replicas that accepted our latest presence record (0 until the first publish).
         self.replicas = 0
         self.last_error: str | None = None
-        self.inbox: list[bytes] = []
+        #: The latest envelopes delivered to us (bounded: consumers take them from on_message).
+        self.inbox: deque[bytes] = deque(maxlen=INBOX_MEMORY)
         self.on_message: list[Callable[[bytes], None]] = []
         self._backoff = 0.0
+        self._sequence = 0
+        #: What STUN on our supernodes said of our network (``set_nat``); in every record.
+        self.reflexive: tuple[str, int] | None = None
+        self.nat_type = "unknown"
         self._avoid: set[bytes] = set()
         self._timers: dict[str, IDelayedCall] = {}
 
@@ -278,6 +298,22 @@ class OverlayNode:
         self.certificate = certificate
         if self.link is not None and self.link.session is not None:
             Deferred.fromCoroutine(self._publish()).addErrback(self._log_failure, "republish")
+
+    def set_nat(self, reflexive: tuple[str, int] | None, nat_type: str) -> None:
+        """Our reflexive address and NAT kind (from ``voipctl netcheck``'s probe); republish."""
+        if (reflexive, nat_type) == (self.reflexive, self.nat_type):
+            return
+        self.reflexive, self.nat_type = reflexive, nat_type
+        if self.running and self.link is not None and self.link.session is not None:
+            Deferred.fromCoroutine(self._publish()).addErrback(self._log_failure, "republish")
+
+    def learn(self, bootstrap: tuple[Contact, ...]) -> None:
+        """Supernodes the login server named again (at renewal): attach now if we have none."""
+        infos = [i for i in (contact_to_info(c) for c in bootstrap) if i is not None]
+        if infos:
+            self.hostcache.add(infos, "login")
+            if self.link is None and not self.attaching:
+                self._attach_soon(0.0)
 
     async def stop(self, publish_offline: bool = True) -> None:
         self.running = False
@@ -414,8 +450,6 @@ class OverlayNode:
         self.attachments += 1
         self._backoff = 0.0
         self.last_error = None
-        if old is not None:
-            old.close()
         self.log.info("attached to supernode {host}:{port}", host=sn.host, port=sn.tcp_port)
         self._later("keepalive", self.keepalive, self._keepalive)
         try:
@@ -423,6 +457,11 @@ class OverlayNode:
         except Exception as exc:  # noqa: BLE001 - stay attached; publishing is retried
             self.last_error = f"Could not publish presence: {exc}"
             self._later("republish", PUBLISH_RETRY, self._republish)
+        finally:
+            # Let go of a supernode we move away from only now: until our record names the
+            # new one, messages for us still come through the old.
+            if old is not None:
+                old.close()
 
     async def _request(self, link: SupernodeLink, build: Callable[[int], Message]) -> Message:
         waiting = link.request(build)
@@ -486,14 +525,17 @@ class OverlayNode:
         now = self.clock.seconds()
         sn = self.link.info
         lifetime = OFFLINE_LIFETIME if status is Status.OFFLINE else self.record_lifetime
+        # Milliseconds, but strictly increasing: two records made in one millisecond (a
+        # republish and a logout) or after the clock stepped back must still supersede.
+        self._sequence = max(int(now * 1000), self._sequence + 1)
         record = PresenceRecord(
             username=self.certificate.username,
             certificate=bytes(self.certificate),
             supernode=Attachment(sn.node_id, sn.host, sn.tcp_port, sn.udp_port),
-            reflexive=None,
-            nat_type="unknown",
+            reflexive=Address(*self.reflexive) if self.reflexive is not None else None,
+            nat_type=self.nat_type,
             status=status,
-            sequence=int(now * 1000),
+            sequence=self._sequence,
             issued_at=int(now),
             expires_at=int(now) + lifetime,
         )
@@ -508,13 +550,23 @@ class OverlayNode:
         if not isinstance(reply, Published):
             raise ProtocolError(f"publish answered with {reply.NAME}")
         self.replicas = reply.replicas
-        if status is not Status.OFFLINE:
+        if status is not Status.OFFLINE and self.running:
             self._later("republish", self.record_lifetime / 3, self._republish)
         return reply.replicas
 
     def _republish(self) -> None:
-        if self.running and self.link is not None:
-            Deferred.fromCoroutine(self._publish()).addErrback(self._log_failure, "republish")
+        if not self.running or self.link is None:
+            return  # stopped, or detached: attaching publishes afresh
+
+        def failed(failure: Failure) -> None:
+            # Try again soon: a refused republish must not let the record lapse while the
+            # link stays up (a dead link is noticed by the keep-alive, and re-attaching
+            # publishes anyway).
+            self._log_failure(failure, "republish")
+            if self.running:
+                self._later("republish", PUBLISH_RETRY, self._republish)
+
+        Deferred.fromCoroutine(self._publish()).addErrback(failed)
 
     # -- search and messages --------------------------------------------------------------------
 

@@ -11,9 +11,10 @@ seconds, while it is not a supernode, it asks itself whether it is eligible:
 and when eligible it opens its supernode ports and applies to the login server, which decides
 whether the overlay needs it and checks that it is reachable from outside.  Once admitted it
 heartbeats every ``heartbeat_every`` seconds, taking a new routing view when the map changed,
-and re-applies if the login server forgot it.  It demotes (``leave``) when it loses its
-eligibility (load) or when told to: it tells the login server, hands its attached nodes a list
-of other supernodes (``migrate``) and closes its ports after a grace period.
+and re-applies if the login server forgot it.  It demotes when it loses its eligibility (load;
+it may volunteer again later) or when told to (``leave``: for good): it tells the login server,
+hands its attached nodes a list of other supernodes (``migrate``) and closes its ports once they
+have all moved, or after a grace period.
 
 Time comes from the injected reactor; the load figure from an injected function.
 """
@@ -37,6 +38,11 @@ from overlay.identity import IdentityKey
 from overlay.login_protocol import NotNeeded, NotReachable, UnknownSupernode
 from overlay.slotmap import SignedRoutingView, SupernodeInfo
 from overlay.supernode import Supernode
+
+#: While handing over, how often to look whether every attached node has moved.
+HANDOVER_POLL = 0.1
+#: The counters of the supernode's UDP port that ``voipctl status --json`` shows.
+UDP_COUNTERS = ("served", "bad-datagrams", "amplification-refused", "stray-replies")
 
 
 @dataclass(frozen=True)
@@ -87,6 +93,7 @@ class SupernodeRole:
         self.version = -1
         self._timer: IDelayedCall | None = None
         self._busy = False
+        self._demoting = False
         self._stopped = False
 
     # -- eligibility ----------------------------------------------------------------------------
@@ -120,7 +127,7 @@ class SupernodeRole:
 
     def _tick(self) -> None:
         self._timer = None
-        if self._busy:
+        if self._busy or self._demoting:
             self._schedule(1.0)
             return
         self._busy = True
@@ -197,20 +204,45 @@ class SupernodeRole:
         return self.policy.heartbeat_every
 
     async def demote(self, why: str) -> None:
-        """Leave the overlay gracefully: tell the login server, hand over attached nodes."""
-        if not self.active:
+        """Leave the overlay gracefully: tell the login server, hand over attached nodes.
+
+        The ports stay open (searches are still answered) until every attached node has moved
+        or ``handover_grace`` has passed (then the rest are cut off); meanwhile this node does
+        not apply again.
+        """
+        if not self.active or self._demoting:
             return
         self.log.info("demoting: {why}", why=why)
+        self._demoting = True
         self.active = False
         self.last_refusal = why
+        try:
+            # Nodes move while the login server hears of it: a slow login server delays nobody.
+            telling = Deferred.fromCoroutine(self._tell_leaving())
+            self.supernode.migrate_all(self.supernode.contacts_for_nodes())
+            deadline = self.reactor.seconds() + self.policy.handover_grace
+            while self.supernode.attached and self.reactor.seconds() < deadline:
+                await _sleep(self.reactor, min(HANDOVER_POLL, deadline - self.reactor.seconds()))
+            await telling
+            await self._close_ports()
+            # Closing the port leaves accepted connections open: cut off the nodes that did not
+            # move, or they would stay attached to a node that no longer serves them.
+            for connection in list(self.supernode.attached.values()):
+                connection.close()
+            self.supernode.view = None
+        finally:
+            self._demoting = False
+
+    async def _tell_leaving(self) -> None:
         try:
             await self.client.sn_leave(self.node_key)
         except VoipError as exc:
             self.log.info("could not tell the login server: {error}", error=exc)
-        self.supernode.migrate_all(self.supernode.contacts_for_nodes())
-        await _sleep(self.reactor, self.policy.handover_grace)
-        await self._close_ports()
-        self.supernode.view = None
+
+    async def leave(self, why: str) -> None:
+        """Stop volunteering and demote gracefully (the daemon stops, or its user asks)."""
+        self.stop()
+        await self.demote(why)
 
     async def _close_ports(self) -> None:
         if self.ports is not None:
@@ -240,6 +272,8 @@ class SupernodeRole:
                 records=len(self.supernode.index),
                 synced=self.supernode.synced,
                 ports={"tcp": self.ports[0], "udp": self.ports[1]} if self.ports else None,
+                # What its UDP port had to put up with (garbage is dropped, never answered).
+                udp={name: self.supernode.udp.counters[name] for name in UDP_COUNTERS},
             )
         return document
 

@@ -68,13 +68,16 @@ def call(
     command: str,
     args: dict[str, Any] | None = None,
     progress: Callable[[str], None] | None = None,
-    timeout: float = DEFAULT_TIMEOUT,
+    timeout: float | None = DEFAULT_TIMEOUT,
 ) -> dict[str, Any]:
-    """Send one request to voipd and return its result; raises ``VoipError`` on failure."""
+    """Send one request to voipd and return its result; raises ``VoipError`` on failure.
+
+    ``timeout=None`` waits as long as the daemon works (a call lasts until someone hangs up).
+    """
     _check_socket(path)
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    sock.settimeout(timeout)
-    deadline = time.monotonic() + timeout
+    sock.settimeout(timeout if timeout is not None else QUICK_TIMEOUT)
+    deadline = time.monotonic() + timeout if timeout is not None else None
     try:
         try:
             sock.connect(str(path))
@@ -87,7 +90,7 @@ def call(
         sock.sendall(json.dumps({"cmd": command, "args": args or {}}).encode() + b"\n")
         reader = sock.makefile("rb")
         while True:
-            sock.settimeout(max(0.1, deadline - time.monotonic()))
+            sock.settimeout(None if deadline is None else max(0.1, deadline - time.monotonic()))
             try:
                 line = reader.readline()
             except TimeoutError:
@@ -174,6 +177,9 @@ def format_status(result: dict[str, Any], now: float) -> str:
         lines.append(f"Role: ordinary node (may become a supernode; {why}).")
     else:
         lines.append("Role: ordinary node.")
+    current = result.get("call")
+    if current:
+        lines.append(_call_line(current))
     daemon = result.get("daemon", {})
     lines.append(
         f"voipd {daemon.get('version')} (pid {daemon.get('pid')}), "
@@ -275,6 +281,121 @@ def cmd_logout(args: argparse.Namespace) -> int:
     return 0
 
 
+def format_call(result: dict[str, Any]) -> str:
+    """The end-of-call summary, in a few lines."""
+    peer = result.get("peer", "?")
+    lines = [f"Call with {peer} ended: {result.get('reason') or result.get('outcome')}"]
+    path = result.get("path") or {}
+    media = result.get("media") or {}
+    if path:
+        lines.append(
+            f"Talked {_span(float(result.get('duration') or 0))} over a {path.get('kind')} path "
+            f"({path.get('local')} <-> {path.get('remote')})."
+        )
+    if media:
+        lines.append(_media_line(media))
+    return "\n".join(lines)
+
+
+def _call_line(current: dict[str, Any]) -> str:
+    peer, state = current.get("peer"), current.get("state")
+    if state == "incoming":
+        return f"{peer} is calling you: voipctl answer (or voipctl hangup to decline)."
+    if state in ("ringing", "connecting"):
+        return f"Calling {peer} ({state})."
+    path = current.get("path") or {}
+    text = (
+        f"In a call with {peer} for {_span(float(current.get('duration') or 0))}, "
+        f"{path.get('kind')} path to {path.get('remote')}."
+    )
+    media = current.get("media")
+    return text + ("\n" + _media_line(media) if media else "")
+
+
+def _media_line(media: dict[str, Any]) -> str:
+    def number(name: str, unit: str, digits: int = 0) -> str:
+        value = media.get(name)
+        return f"{value:.{digits}f} {unit}" if isinstance(value, int | float) else "?"
+
+    return (
+        f"{media.get('codec', 'opus')} {number('send_kbps', 'kbit/s')}, "
+        f"RTT {number('rtt_ms', 'ms')}, loss {number('loss_percent', '%', 1)}, "
+        f"jitter {number('jitter_ms', 'ms', 1)}, jitter buffer {number('jitter_buffer_ms', 'ms')}; "
+        f"packets sent {media.get('packets_sent', '?')}, received "
+        f"{media.get('packets_received', '?')}."
+    )
+
+
+def _audio_request(args: argparse.Namespace) -> dict[str, Any]:
+    request: dict[str, Any] = {}
+    for name in ("play", "record"):
+        value = getattr(args, name, None)
+        if value is not None:
+            request[name] = str(Path(value).resolve())
+    if getattr(args, "duration", None) is not None:
+        request["duration"] = args.duration
+    if request.get("play") and not Path(request["play"]).is_file():
+        raise DaemonError(f"{args.play}: no such file.", "no-such-file")
+    return request
+
+
+def _in_call(args: argparse.Namespace, command: str, request: dict[str, Any]) -> int:
+    """Run ``call`` or ``answer`` until the call ends; Ctrl-C hangs up."""
+    try:
+        result = call(args.socket, command, request, _progress(args), timeout=None)
+    except KeyboardInterrupt:
+        print("Hanging up...", file=sys.stderr, flush=True)
+        try:
+            result = call(args.socket, "hangup", timeout=QUICK_TIMEOUT)
+        except DaemonError as exc:
+            if exc.code != "no-call":
+                raise
+            return 1
+    if args.json:
+        print_json(result)
+    else:
+        print(format_call(result))
+    return 0 if result.get("outcome") == "completed" else 1
+
+
+def cmd_call(args: argparse.Namespace) -> int:
+    return _in_call(args, "call", {"username": args.username, **_audio_request(args)})
+
+
+def cmd_answer(args: argparse.Namespace) -> int:
+    return _in_call(args, "answer", {"wait": args.wait, **_audio_request(args)})
+
+
+def cmd_hangup(args: argparse.Namespace) -> int:
+    result = call(args.socket, "hangup", timeout=QUICK_TIMEOUT)
+    if args.json:
+        print_json(result)
+    else:
+        print(format_call(result))
+    return 0
+
+
+def format_netcheck(result: dict[str, Any]) -> str:
+    lines = [f"UDP: {'works' if result.get('udp_works') else 'blocked (no supernode answered)'}."]
+    if result.get("reflexive"):
+        lines.append(f"Seen from outside as {result['reflexive']}; local {result.get('local')}.")
+    lines.append(f"NAT: {result.get('kind')} (mapping {result.get('mapping')}).")
+    for server in result.get("servers", []):
+        rtt = server.get("rtt_ms")
+        shown = f"{rtt:.1f} ms" if isinstance(rtt, int | float) else "no answer"
+        lines.append(f"  supernode {server.get('address')}: {shown}")
+    return "\n".join(lines)
+
+
+def cmd_netcheck(args: argparse.Namespace) -> int:
+    result = call(args.socket, "netcheck", progress=_progress(args), timeout=30.0)
+    if args.json:
+        print_json(result)
+    else:
+        print(format_netcheck(result))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument(
@@ -302,6 +423,23 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_parser("logout", parents=[common], help="log out")
     search = sub.add_parser("search", parents=[common], help="find a user in the overlay")
     search.add_argument("username")
+    for name, text in (("call", "call a user"), ("answer", "answer the ringing call")):
+        p = sub.add_parser(name, parents=[common], help=text)
+        if name == "call":
+            p.add_argument("username")
+        else:
+            p.add_argument(
+                "--wait", type=float, default=0.0, metavar="S", help="wait up to S s for a call"
+            )
+        p.add_argument("--play", metavar="WAV", help="send this WAV file instead of the microphone")
+        p.add_argument("--record", metavar="WAV", help="record what you hear into this WAV file")
+        p.add_argument(
+            "--duration", type=float, metavar="S", help="hang up after S s of conversation"
+        )
+    sub.add_parser("hangup", parents=[common], help="hang up, cancel or decline the call")
+    sub.add_parser(
+        "netcheck", parents=[common], help="UDP, reflexive address, NAT kind, supernode RTTs"
+    )
     return parser
 
 
@@ -311,6 +449,10 @@ COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
     "login": cmd_login,
     "logout": cmd_logout,
     "search": cmd_search,
+    "call": cmd_call,
+    "answer": cmd_answer,
+    "hangup": cmd_hangup,
+    "netcheck": cmd_netcheck,
 }
 
 

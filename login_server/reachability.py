@@ -13,6 +13,7 @@ from typing import Any
 
 from twisted.internet.defer import Deferred
 from twisted.internet.endpoints import HostnameEndpoint
+from twisted.internet.error import ConnectingCancelledError
 from twisted.internet.protocol import Factory
 
 from overlay.channel import ServerNotTrusted
@@ -90,6 +91,8 @@ class NetworkProber:
 def _reason(exc: BaseException) -> str:
     if isinstance(exc, ServerNotTrusted):  # its own text speaks of the CA key, not the node's
         return "the handshake was not signed by the node's key"
+    if isinstance(exc, ConnectingCancelledError):  # our timeout cancelled the connect
+        return "no answer"
     text = str(exc).strip() or type(exc).__name__
     if "Connection was refused" in text or "refused" in text.lower():
         return "connection refused"

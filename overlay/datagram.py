@@ -30,6 +30,8 @@ from twisted.python.failure import Failure
 from overlay.errors import ProtocolError, VoipError
 from overlay.framing import MAX_DATAGRAM_PAYLOAD, Frame
 from overlay.messages import Error, Message, parse_datagram
+from overlay.stun import is_stun
+from overlay.stun_server import StunResponder
 
 Address = tuple[str, int]
 Handler = Callable[[Message, Address], Awaitable[Message | None]]
@@ -77,6 +79,7 @@ class DatagramEndpoint(DatagramProtocol):
         *,
         retransmit: Sequence[float] = RETRANSMIT,
         rng: random.Random | None = None,
+        stun_server: bool = False,
     ) -> None:
         self.clock = clock
         self.handler = handler
@@ -87,6 +90,8 @@ class DatagramEndpoint(DatagramProtocol):
             OrderedDict()
         )
         self.counters: Counter[str] = Counter()
+        #: Answers STUN Binding requests on this port (supernodes); None: STUN is garbage here.
+        self.stun = StunResponder(self.counters) if stun_server else None
 
     # -- requesting ----------------------------------------------------------------------------
 
@@ -153,6 +158,11 @@ class DatagramEndpoint(DatagramProtocol):
 
     def datagramReceived(self, datagram: bytes, addr: Any) -> None:
         address: Address = (addr[0], addr[1])
+        if self.stun is not None and is_stun(datagram):
+            answer = self.stun.respond(datagram, address)
+            if answer is not None:
+                self._send(answer, address)
+            return
         try:
             message = parse_datagram(datagram)
         except ProtocolError:

@@ -75,6 +75,10 @@ class IndexStats:
     purged: int = 0
 
 
+#: Bytes of a record's hash, and so of a digest's fingerprint.
+FINGERPRINT_SIZE = 16
+
+
 @dataclass(frozen=True)
 class Digest:
     """A small summary of a range of the index: equal digests mean (almost surely) equal data."""
@@ -82,12 +86,22 @@ class Digest:
     count: int
     fingerprint: int
 
+    @property
+    def fingerprint_bytes(self) -> bytes:
+        """The fingerprint as it travels (``digest-reply``): 16 bytes, big-endian."""
+        return self.fingerprint.to_bytes(FINGERPRINT_SIZE, "big")
+
+
+def _hash(data: bytes) -> int:
+    return int.from_bytes(hashlib.blake2b(data, digest_size=FINGERPRINT_SIZE).digest())
+
 
 @dataclass(frozen=True)
 class _Entry:
     key: int
     signed: SignedPresence
     data: bytes
+    hash: int
 
 
 class PresenceIndex:
@@ -136,7 +150,8 @@ class PresenceIndex:
         ):
             self.stats.stale += 1
             return False
-        self._entries[username] = _Entry(key, signed, bytes(signed))
+        data = bytes(signed)
+        self._entries[username] = _Entry(key, signed, data, _hash(data))
         self.stats.accepted += 1
         return True
 
@@ -192,13 +207,19 @@ class PresenceIndex:
         return len(gone)
 
     def digest(self, prefix_start: int = 0, prefix_end: int = KEY_SPACE) -> Digest:
-        """Count and XOR of the records' hashes over a key range (order-independent)."""
+        """Count and XOR of the records' hashes over a key range (order-independent).
+
+        Records past retention are left out: whether a replica has purged one yet is no
+        difference worth repairing.
+        """
         _check_range(prefix_start, prefix_end)
         count = fingerprint = 0
         for entry in self._entries.values():
-            if prefix_start <= entry.key < prefix_end:
+            if prefix_start <= entry.key < prefix_end and not self._past_retention(
+                entry.signed.record
+            ):
                 count += 1
-                fingerprint ^= int.from_bytes(hashlib.blake2b(entry.data, digest_size=16).digest())
+                fingerprint ^= entry.hash
         return Digest(count, fingerprint)
 
     def _past_retention(self, presence: PresenceRecord) -> bool:

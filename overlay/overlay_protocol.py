@@ -5,11 +5,21 @@ Message table::
     over UDP (overlay.datagram; anyone may ask, replies never larger than requests)
     asker -> SN         sn-ping {rid}                     -> pong
     node -> SN          search {rid, username}            -> search-found | -referral | -none
+                        (-none {rid, replicas}: the SN serves the key, holds that part of its
+                        slot in full and no record; replicas are its slot peers, whom a
+                        careful asker asks too; an SN still pulling that part refers to its
+                        peers instead, with search-referral level "not-ready")
     SN -> SN            store {rid, record}               -> stored {rid, accepted}
-    SN -> SN            pull {rid, start, end, cursor}    -> records {rid, records, cursor}
+    SN -> SN            pull {rid, start, end, cursor, retired}
+                                                          -> records {rid, records, cursor}
+                        (or error holds-none / holds-part; ranges the SN left count only
+                        with retired: their copies are as of when it left)
     login server -> SN  reach-check {rid, nonce}          -> reach-ok {rid, nonce, signature}
     SN -> SN            forward {rid, to, envelope}       -> forwarded {rid, delivered}
     SN -> SN            locate {rid, key}                 -> search-referral (level slot: final)
+    SN -> SN            digest {rid, start, end}          -> digest-reply {rid, count, fingerprint}
+                        (anti-entropy: the peer's summary of its records of [start, end), or
+                        error holds-none / holds-part when it does not hold all of that range)
 
     over TCP, sealed (overlay.channel; the SN proves its node key and supernode certificate)
     node -> SN          attach {rid, certificate, proof, udp_port} -> attached {rid, contacts}
@@ -34,6 +44,8 @@ from overlay.slotmap import SupernodeInfo
 #: Search requests are padded to this many bytes so a found record always fits in the reply.
 SEARCH_PAD = 1100
 PING_PAD = 64
+#: Digest requests are padded so a digest reply, or an error naming the request, fits.
+DIGEST_PAD = 200
 
 
 @message(0x0040, "sn-ping")
@@ -62,7 +74,10 @@ class SearchReferral(Message):
 
 @message(0x0044, "search-none", reply=True)
 class SearchNone(Message):
+    """The SN serves the key, has its whole slot and no record; ``replicas``: its slot peers."""
+
     rid: int
+    replicas: tuple[SupernodeInfo, ...] = ()
 
 
 @message(0x0045, "store")
@@ -79,10 +94,14 @@ class Stored(Message):
 
 @message(0x0047, "pull")
 class Pull(Message):
+    """The records of keys in [start, end), from ``cursor`` on; ``retired``: ranges you left
+    count too (last resort: they are as of when you left them)."""
+
     rid: int
     start: int
     end: int
     cursor: int = 0
+    retired: bool = False
 
 
 @message(0x0048, "records", reply=True)
@@ -124,6 +143,24 @@ class Locate(Message):
 
     rid: int
     key: int
+
+
+@message(0x004E, "digest")
+class DigestRequest(Message):
+    """Summarise your records of keys in [start, end): anti-entropy between slot peers."""
+
+    rid: int
+    start: int
+    end: int
+
+
+@message(0x004F, "digest-reply", reply=True)
+class DigestReply(Message):
+    """How many records, and the XOR of their 16-byte BLAKE2b hashes (``PresenceIndex``)."""
+
+    rid: int
+    count: int
+    fingerprint: bytes
 
 
 @message(0x0050, "attach")

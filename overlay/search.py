@@ -15,20 +15,30 @@ Each reply is one of:
 - ``Found(records)``: the supernode serves the key; every record is checked with ``verify``
   (a bad one raises ``ProtocolError``, is counted in ``bad_records`` and ignored);
 - ``Referral(contacts, level)``: supernodes closer to the key ("block", then "slot" level);
-- ``NotFound()``: the supernode serves the key and has no record for it.
+  a replica still pulling its slot refers to its slot peers with level "not-ready": that
+  settles nothing (neither "none" nor a step closer), its peers are asked like any referral;
+- ``NotFound(replicas)``: the supernode serves the key, holds its whole slot and has no record
+  for it; ``replicas`` are the slot's other members (none: it is the only one).
 
 A round waits for all its asks (each bounded by ``timeout`` on the clock), so that when several
 replicas answer, the record with the highest ``sequence`` wins.  If none of a round's first
-``parallel`` asks gives anything useful (all failed, timed out or sent only bad records), up to
-``fallback`` more of that round's candidates are tried, still at most ``parallel`` at a time.
-The search ends at the first round with a valid record (``classify`` then says "found" or
-"offline"), when there is nobody new to ask, or after ``max_rounds`` rounds.  No supernode is
-asked twice.  The outcome is "not-found" only when a supernode serving the key said so and no
-valid record came; otherwise a search that learned nothing definitive has "failed".
+``parallel`` asks settles anything (all failed, timed out, sent only bad records, or one replica
+said "none" alone), up to ``fallback`` more of that round's candidates are tried, still at most
+``parallel`` at a time.  The search ends at the first round with a valid record (``classify``
+then says "found" or "offline"), when "not found" is agreed, when there is nobody new to ask, or
+after ``max_rounds`` rounds.  No supernode is asked twice.
+
+One replica's "none" is not believed on its own: a replica can lag behind its slot (a record
+stored while it was away, a slot that just merged).  The outcome is "not-found" only when two
+replicas said so, or the one that did has no other replica, or every other replica it named was
+asked and none answered; until then the replicas it named are asked in the next round (a round
+with a lone "none" also waits for the rest of its asks instead of ending early).  A search that
+learned nothing definitive has "failed".
 """
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal, TypeAlias
@@ -49,12 +59,14 @@ from overlay.errors import ProtocolError
 from overlay.messages import Record, record
 from overlay.slotmap import SupernodeInfo
 
-#: A round ends this many times the time to its first useful answer after it (at least
+#: A round ends this many times the time to its first settling answer after it (at least
 #: MIN_GRACE seconds), without waiting for the slowest (maybe dead) supernode of the round.
 GRACE_FACTOR = 3.0
 MIN_GRACE = 0.05
 LEVEL_BLOCK = "block"
 LEVEL_SLOT = "slot"
+#: A replica that serves the key but is still pulling its slot: ask its peers instead.
+LEVEL_NOT_READY = "not-ready"
 Outcome: TypeAlias = Literal["found", "offline", "not-found", "failed"]
 
 
@@ -75,7 +87,10 @@ class Referral(Record):
 
 @record
 class NotFound(Record):
-    """The supernode serves the key and holds no record for it."""
+    """The supernode serves the key, holds its whole slot and no record for it; ``replicas``
+    are the slot's other members (empty: it is the only replica)."""
+
+    replicas: tuple[SupernodeInfo, ...] = ()
 
 
 Reply: TypeAlias = Found | Referral | NotFound
@@ -103,13 +118,6 @@ class _Answer:
     reply: Reply | None = None  # None: the ask failed or timed out (so far)
     valid: list[tuple[bytes, Any]] = field(default_factory=list)  # (blob, verified record)
 
-    @property
-    def useful(self) -> bool:
-        """Did this answer teach anything (bad records teach nothing)?"""
-        if isinstance(self.reply, Referral):
-            return bool(self.reply.contacts)
-        return bool(self.valid) or isinstance(self.reply, NotFound)
-
 
 class _Search:
     def __init__(
@@ -133,7 +141,42 @@ class _Search:
         self.asked: set[bytes] = set()
         self.bad: set[bytes] = set()
         self.result = SearchResult(outcome="failed")
-        self.heard_not_found = False
+        #: the supernodes that said "none", and the other replicas they named
+        self.none_from: set[bytes] = set()
+        self.named: dict[bytes, SupernodeInfo] = {}
+        self.sole_none = False
+        #: the supernodes whose ask got a well-formed reply
+        self.replied: set[bytes] = set()
+
+    @property
+    def not_found_agreed(self) -> bool:
+        """Two replicas said "none", or one with no other replica."""
+        return len(self.none_from) >= 2 or self.sole_none
+
+    def settled(self, answers: list[_Answer]) -> bool:
+        """Has the round learnt enough that its other candidates need not be asked?"""
+        return self.not_found_agreed or any(
+            a.valid
+            or (
+                isinstance(a.reply, Referral)
+                and a.reply.level != LEVEL_NOT_READY
+                and a.reply.contacts
+            )
+            for a in answers
+        )
+
+    def verdict(self) -> Outcome:
+        """The outcome of a search that found no valid record."""
+        if self.not_found_agreed:
+            return "not-found"
+        others = [n for n in self.named if n not in self.none_from]
+        if (
+            self.none_from
+            and all(n in self.asked for n in others)
+            and not any(n in self.replied for n in others)
+        ):
+            return "not-found"  # the only replica that could answer said "none"
+        return "failed"
 
     async def round(self, candidates: list[SupernodeInfo]) -> tuple[list[Any], list[_Answer]]:
         """Ask one round's candidates; the valid records (in ask order) and all answers."""
@@ -142,7 +185,7 @@ class _Search:
         answers: list[_Answer] = []
         first, rest = candidates[: self.parallel], candidates[self.parallel :]
         await self.first_batch(first, answers)
-        if rest and not any(a.useful for a in answers):
+        if rest and not self.settled(answers):
             await self.batch(rest[: self.fallback], answers, stop_when_useful=True)
         valid: dict[bytes, Any] = {}
         for answer in answers:
@@ -151,7 +194,7 @@ class _Search:
         return list(valid.values()), answers
 
     def first_batch(self, batch: list[SupernodeInfo], answers: list[_Answer]) -> Deferred[None]:
-        """Ask ``batch`` at once; settle when all answered, or a little after the first useful
+        """Ask ``batch`` at once; settle when all answered, or a little after the first settling
         answer (``GRACE_FACTOR`` times as long as it took, at least ``MIN_GRACE``): a dead
         supernode among them then costs the search nothing.  Asks still out are cancelled."""
         asks: list[Deferred[None]] = []
@@ -182,7 +225,7 @@ class _Search:
                     if call.active():
                         call.cancel()
                 finish()
-            elif not grace and any(a.useful for a in answers):
+            elif not grace and self.settled(answers):
                 wait = max(MIN_GRACE, GRACE_FACTOR * (self.clock.seconds() - started))
                 grace.append(self.clock.callLater(min(wait, self.timeout), finish))
             return result
@@ -217,7 +260,7 @@ class _Search:
         window = DeferredSemaphore(self.parallel)
 
         def one(sn: SupernodeInfo) -> Deferred[None]:
-            if stop_when_useful and any(a.useful for a in answers):
+            if stop_when_useful and self.settled(answers):
                 return succeed(None)
             return self.ask_one(sn, answers)
 
@@ -240,8 +283,12 @@ class _Search:
                 self.result.errors += 1
                 return
             answer.reply = reply
+            self.replied.add(sn.node_id)
             if isinstance(reply, NotFound):
-                self.heard_not_found = True
+                self.none_from.add(sn.node_id)
+                self.sole_none |= not reply.replicas
+                for replica in reply.replicas:
+                    self.named.setdefault(replica.node_id, replica)
             elif isinstance(reply, Found):
                 for blob in reply.records:
                     ok, verified = self.check(blob)
@@ -271,12 +318,16 @@ class _Search:
             return False, None
 
     def next_candidates(self, answers: list[_Answer]) -> list[SupernodeInfo]:
-        """Referral contacts of a round, merged in order, without anyone asked already."""
-        contacts = (
-            contact
-            for answer in answers
-            if isinstance(answer.reply, Referral)
-            for contact in answer.reply.contacts
+        """The replicas named by "none" answers (to confirm them), then the referral contacts
+        of a round, merged in order, without anyone asked already."""
+        contacts = itertools.chain(
+            self.named.values(),
+            (
+                contact
+                for answer in answers
+                if isinstance(answer.reply, Referral)
+                for contact in answer.reply.contacts
+            ),
         )
         return _unique(c for c in contacts if c.node_id not in self.asked)
 
@@ -342,8 +393,11 @@ async def iterative_search(  # noqa: PLR0917 - the signature its callers were pr
             result.outcome = "found" if outcome == "found" else "offline"
             result.record = chosen
             break
+        if search.not_found_agreed:
+            result.outcome = "not-found"
+            break
         candidates = search.next_candidates(answers)
     else:
-        result.outcome = "not-found" if search.heard_not_found else "failed"
+        result.outcome = search.verdict()
     result.elapsed = clock.seconds() - began
     return result

@@ -5,8 +5,10 @@ A ``Supernode`` owns:
 - its node key and, once admitted by the login server, its supernode certificate and routing
   view (``overlay.slotmap.RoutingView``: own slot, own block, a few contacts per other block);
 - the presence records of its slot (``overlay.index.PresenceIndex``), replicated at every
-  member of the slot; a supernode that joins a slot pulls the slot's records from a peer before
-  it answers searches for it (until then it refers askers to its peers);
+  member of the slot; a supernode that joins a slot pulls the slot's records from a peer (or,
+  when no peer holds them, from the members of the slots that held them before the change)
+  before it answers "none" for it (until then it refers askers to its peers: "not ready"), and
+  compares digests with a random slot peer now and then (``overlay.antientropy``);
 - a UDP endpoint (``overlay.datagram``) for searches, stores, pulls, pings, reachability checks
   and forwarded messages;
 - a TCP service for attached ordinary nodes (``SupernodeConnection``): attach with a user
@@ -22,15 +24,23 @@ import functools
 import random
 from collections import Counter
 from collections.abc import Callable
+from dataclasses import dataclass, field
 from typing import Any
 
 from twisted.internet import defer
-from twisted.internet.defer import Deferred, DeferredList, DeferredSemaphore, gatherResults
+from twisted.internet.defer import (
+    Deferred,
+    DeferredList,
+    DeferredSemaphore,
+    FirstError,
+    gatherResults,
+)
 from twisted.internet.interfaces import IAddress, IReactorTime
 from twisted.internet.protocol import Factory
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
+from overlay.antientropy import ANTI_ENTROPY_EVERY, AntiEntropy
 from overlay.certificate import Role, SignedCertificate
 from overlay.channel import Hello, server_handshake
 from overlay.connection import FramedConnection
@@ -38,7 +48,7 @@ from overlay.datagram import Address, DatagramEndpoint
 from overlay.errors import ProtocolError, VoipError
 from overlay.identity import IdentityKey, verify_signature
 from overlay.index import PresenceIndex
-from overlay.keyspace import KEY_BITS, Prefix, user_key
+from overlay.keyspace import KEY_BITS, KEY_SPACE, Prefix, user_key
 from overlay.login_protocol import proof_message
 from overlay.messages import Error, Message, Ping, Pong
 from overlay.overlay_protocol import (
@@ -46,6 +56,8 @@ from overlay.overlay_protocol import (
     Ack,
     Attach,
     Attached,
+    DigestReply,
+    DigestRequest,
     Forward,
     Forwarded,
     Incoming,
@@ -68,7 +80,8 @@ from overlay.overlay_protocol import (
     Stored,
 )
 from overlay.presence import PresenceError, SignedPresence
-from overlay.slotmap import Refer, RoutingView, Serve, SupernodeInfo
+from overlay.search import LEVEL_NOT_READY
+from overlay.slotmap import Refer, RoutingView, Serve, SupernodeInfo, ViewSlot
 from overlay.usernames import canonical_username
 
 REACH_CONTEXT = b"voip-reach-v1"
@@ -76,6 +89,10 @@ ATTACH_IDLE_TIMEOUT = 60.0
 HANDSHAKE_TIMEOUT = 10.0
 PEER_TIMEOUT = 2.0
 PULL_BATCH = 1
+#: Pull requests a puller keeps out at once (one record comes per reply).
+PULL_WINDOW = 8
+#: Sources asked at once whether they hold a range.
+PROBE_PARALLEL = 2
 DELIVERY_TIMEOUT = 5.0
 SYNC_RETRY = 2.0
 SYNC_ATTEMPTS = 5
@@ -134,6 +151,30 @@ def _missing(prefix: Prefix, held: Prefix | None) -> list[Prefix]:
     return out
 
 
+@dataclass
+class _Probe:
+    """What the sources of a range said when asked for its first record."""
+
+    #: those that hold all of it, with their reply
+    full: list[tuple[SupernodeInfo, Records]] = field(default_factory=list)
+    #: those that hold a part of it
+    partial: list[SupernodeInfo] = field(default_factory=list)
+    #: did any not answer (timed out, failed)?
+    silent: bool = False
+
+
+def _first_error(failure: Failure) -> Failure:
+    """The failure of the first of several requests that failed (``gatherResults``)."""
+    if isinstance(failure.value, FirstError):
+        return failure.value.subFailure
+    return failure
+
+
+def _check_range(request: str, start: int, end: int) -> None:
+    if not 0 <= start < end <= KEY_SPACE:
+        raise ProtocolError(f"{request} asks for keys [{start}, {end}), not a key range.")
+
+
 def reach_signature(key: IdentityKey, nonce: bytes) -> bytes:
     return key.sign(REACH_CONTEXT + nonce)
 
@@ -153,6 +194,7 @@ class Supernode:
         *,
         max_attached: int = 10_000,
         rng: random.Random | None = None,
+        anti_entropy_every: float = ANTI_ENTROPY_EVERY,
     ) -> None:
         self.clock = clock
         self.node_key = node_key
@@ -167,11 +209,15 @@ class Supernode:
         self.held: Prefix | None = None
         #: Ranges held before the slot changed, kept until the time given, for pulls only.
         self.retired: list[tuple[Prefix, float]] = []
+        #: The slots (with members) of the block of each view we left, kept until the time
+        #: given: who held a range before the map changed, to pull it from them.
+        self.former: list[tuple[tuple[ViewSlot, ...], float]] = []
         self.index = PresenceIndex(clock, ca_public_key, self._owns)
-        self.udp = DatagramEndpoint(clock, self.handle_datagram)
+        self.udp = DatagramEndpoint(clock, self.handle_datagram, stun_server=True)
         self.attached: dict[str, SupernodeConnection] = {}
         self.counters: Counter[str] = Counter()
         self._sync: Deferred[None] | None = None
+        self.anti_entropy = AntiEntropy(self, every=anti_entropy_every)
 
     @property
     def node_id(self) -> bytes:
@@ -187,6 +233,11 @@ class Supernode:
         self.certificate = certificate
         self.info = info
         self.set_view(view)
+        self.anti_entropy.start()
+
+    def stop(self) -> None:
+        """Stop the periodic work (anti-entropy); ``admitted`` starts it again."""
+        self.anti_entropy.stop()
 
     def set_view(self, view: RoutingView) -> None:
         """Take a (new) routing view; when our slot changed, fetch what we lack of it.
@@ -207,10 +258,14 @@ class Supernode:
             return
         prefix = view.prefix
         held = self.held
+        now = self.clock.seconds()
+        self.former = [(slots, until) for slots, until in self.former if until > now]
+        if old is not None:
+            self.former.append((old.block_slots, now + RETIRE_AFTER))
         if held is not None and not prefix.covers(held):
             # Records we no longer serve stay a while, for peers to pull: when a slot's
             # members all move or merge at once, they are the only copies.
-            self.retired.append((held, self.clock.seconds() + RETIRE_AFTER))
+            self.retired.append((held, now + RETIRE_AFTER))
             self.clock.callLater(RETIRE_AFTER, self._forget, held)
             self.clock.callLater(HANDOFF_DELAY, self._hand_off, held, 1)
         if held is not None and prefix.covers(held):
@@ -235,12 +290,10 @@ class Supernode:
             self._sync = Deferred.fromCoroutine(self._pull_ranges(view, missing, 1))
 
     async def _pull_ranges(self, view: RoutingView, missing: list[Prefix], attempt: int) -> None:
-        still: list[Prefix] = []
-        for wanted in missing:
-            if not self._serving(view):
-                return
-            if not await self._pull_range(view, wanted):
-                still.append(wanted)
+        done = await gatherResults(
+            [Deferred.fromCoroutine(self._pull_range(view, wanted)) for wanted in missing]
+        ).addErrback(_first_error)
+        still = [wanted for wanted, ok in zip(missing, done, strict=True) if not ok]
         if not self._serving(view):
             return
         if still and attempt < SYNC_ATTEMPTS:
@@ -266,53 +319,182 @@ class Supernode:
         wanted: Prefix,
         depth: int = 0,
         peers: list[SupernodeInfo] | None = None,
+        *,
+        retired: bool = False,
     ) -> bool:
         """Fetch ``wanted`` from peers that hold it.  True when done, or when no peer holds
         any of it (nothing to learn); False when peers did not answer (try again later).
 
         A peer holds one prefix-aligned range, maybe only a part of ``wanted`` (slots merge
         and move while views spread): such a peer answers "partly", and the range is then
-        asked for in halves, of the peers that hold part of it.
+        asked for in halves, of the peers that hold part of it.  Slot peers are asked first,
+        then the members of the slots that held ``wanted`` in views we left: after a merge or
+        a move, the range's only holders may now serve other slots.  When nobody holds a range
+        now, it is asked for once more from ranges peers left (``retired``): copies as of
+        when they left it, better than none.
         """
         if peers is None:
-            peers = list(view.peers)
-            self.rng.shuffle(peers)
-        partial: list[SupernodeInfo] = []
-        unanswered = False
-        for peer in peers:
-            cursor: int | None = 0
+            peers = self._sources(view, wanted, retired=retired)
+        if not self._serving(view):
+            return True  # not ours any more: nothing to do
+        # Ask every source at once for the range's first record; in the current map any full
+        # holder will do (the first to answer), of copies of left ranges the most recent.
+        probe = await self._probe(peers, wanted, retired=retired, first_wins=not retired)
+        if probe.full:
+            peer, first = probe.full[0]
+            self.index.import_records(first.records)
+            if first.cursor is None:
+                return True
             try:
-                while cursor is not None and self._serving(view):
-                    reply = await self.udp.request(
-                        (peer.host, peer.udp_port),
-                        functools.partial(Pull, start=wanted.start, end=wanted.end, cursor=cursor),
-                        timeout=PEER_TIMEOUT,
-                        pad_to=SEARCH_PAD,  # room for a record in the reply
-                    )
-                    if isinstance(reply, Error) and reply.code == HoldsPart.code:
-                        raise HoldsPart()
-                    if isinstance(reply, Error) and reply.code == HoldsNone.code:
-                        raise HoldsNone()
-                    if not isinstance(reply, Records):
-                        raise ProtocolError(f"pull answered with {reply.NAME}")
-                    self.index.import_records(reply.records)
-                    cursor = reply.cursor
-            except HoldsPart:
-                partial.append(peer)
-                continue
-            except HoldsNone:
-                continue
+                await self.pull_from(view, peer, wanted, retired=retired, cursor=first.cursor)
             except VoipError as exc:
-                unanswered = True
                 self.log.debug("pull from a slot peer failed: {error}", error=exc)
-                continue
+                return False
             return True
-        if not partial or depth >= PULL_SPLIT_DEPTH or wanted.length >= KEY_BITS:
-            return not unanswered
-        halves = [
-            await self._pull_range(view, half, depth + 1, partial) for half in wanted.children()
-        ]
-        return all(halves) and not unanswered
+        if probe.partial and depth < PULL_SPLIT_DEPTH and wanted.length < KEY_BITS:
+            halves = [
+                await self._pull_range(view, half, depth + 1, probe.partial, retired=retired)
+                for half in wanted.children()
+            ]
+            return all(halves)
+        if not probe.partial and not probe.silent and not retired:
+            return await self._pull_range(view, wanted, depth, retired=True)
+        return not probe.silent
+
+    def _probe(
+        self, peers: list[SupernodeInfo], wanted: Prefix, *, retired: bool, first_wins: bool
+    ) -> Deferred[_Probe]:
+        """Ask ``peers`` for the first record of ``wanted``, ``PROBE_PARALLEL`` at a time, in
+        order.  Fires when every one answered or failed, or (``first_wins``) at the first full
+        holder's reply (those not asked by then are not asked)."""
+        probe = _Probe()
+        settled: Deferred[_Probe] = Deferred()
+        remaining = len(peers)
+        window = DeferredSemaphore(PROBE_PARALLEL)
+
+        def answered(reply: Records, peer: SupernodeInfo) -> None:
+            if reply.cursor is not None and reply.cursor <= 0:
+                probe.silent = True  # a broken reply: as good as none
+                return
+            probe.full.append((peer, reply))
+            if first_wins and not settled.called:
+                settled.callback(probe)
+
+        def failed(failure: Failure, peer: SupernodeInfo) -> None:
+            if isinstance(failure.value, HoldsPart):
+                probe.partial.append(peer)
+            elif isinstance(failure.value, VoipError):
+                probe.silent |= not isinstance(failure.value, HoldsNone)
+            else:
+                self.log.failure("probing a slot peer failed", failure)
+                probe.silent = True
+
+        def counted(_: object) -> None:
+            nonlocal remaining
+            remaining -= 1
+            if remaining == 0 and not settled.called:
+                order = {p.node_id: i for i, p in enumerate(peers)}
+                probe.full.sort(key=lambda item: order[item[0].node_id])
+                settled.callback(probe)
+
+        def ask(peer: SupernodeInfo) -> Deferred[None]:
+            if settled.called:
+                return defer.succeed(None)
+            asking = self._pull_one(peer, wanted, 0, retired)
+            return asking.addCallbacks(answered, failed, callbackArgs=(peer,), errbackArgs=(peer,))
+
+        for peer in peers:
+            window.run(ask, peer).addBoth(counted)
+        if not peers:
+            settled.callback(probe)
+        return settled
+
+    async def pull_from(
+        self,
+        view: RoutingView,
+        peer: SupernodeInfo,
+        wanted: Prefix,
+        limit: int | None = None,
+        *,
+        retired: bool = False,
+        cursor: int = 0,
+    ) -> int:
+        """Import ``peer``'s records of ``wanted`` (at most ``limit``, from its ``cursor``-th
+        on); how many came.
+
+        A reply carries one record (it may not be larger than its request), so once the first
+        reply says there is more, up to ``PULL_WINDOW`` requests, for consecutive positions,
+        are out at once.
+        ``HoldsPart`` / ``HoldsNone`` when the peer does not hold all of ``wanted`` (counting
+        ranges it left only when ``retired``), another ``VoipError`` when it did not answer.
+        Stops when we no longer serve ``view``'s slot.
+        """
+        received = 0
+        at = cursor
+        window = 1  # an empty or one-record range costs one request
+        while self._serving(view):
+            count = window if limit is None else min(window, limit - received)
+            if count <= 0:
+                break
+            replies = await gatherResults(
+                [self._pull_one(peer, wanted, at + i, retired) for i in range(count)],
+                consumeErrors=True,
+            ).addErrback(_first_error)
+            finished = False
+            for position, reply in enumerate(replies, start=at):
+                if reply.cursor is not None and reply.cursor <= position:
+                    raise ProtocolError("The pull reply's cursor does not move on.")
+                self.index.import_records(reply.records)
+                received += len(reply.records)
+                finished = finished or reply.cursor is None
+            if finished:
+                break
+            at += count
+            window = PULL_WINDOW
+        return received
+
+    def _pull_one(
+        self, peer: SupernodeInfo, wanted: Prefix, position: int, retired: bool
+    ) -> Deferred[Records]:
+        def check(reply: Message) -> Records:
+            if isinstance(reply, Error) and reply.code == HoldsPart.code:
+                raise HoldsPart()
+            if isinstance(reply, Error) and reply.code == HoldsNone.code:
+                raise HoldsNone()
+            if not isinstance(reply, Records):
+                raise ProtocolError(f"pull answered with {reply.NAME}")
+            return reply
+
+        return self.udp.request(
+            (peer.host, peer.udp_port),
+            functools.partial(
+                Pull, start=wanted.start, end=wanted.end, cursor=position, retired=retired
+            ),
+            timeout=PEER_TIMEOUT,
+            pad_to=SEARCH_PAD,  # room for a record in the reply
+        ).addCallback(check)
+
+    def _sources(
+        self, view: RoutingView, wanted: Prefix, *, retired: bool = False
+    ) -> list[SupernodeInfo]:
+        """Whom to pull ``wanted`` from: slot peers, then members of slots that held part of
+        it in views we left and that our view still knows (the others may well be dead)."""
+        peers = list(view.peers)
+        self.rng.shuffle(peers)
+        skip = {p.node_id for p in peers} | {self.node_id}
+        former: dict[bytes, SupernodeInfo] = {}
+        for slots, _ in self.former:
+            for slot in slots:
+                if slot.prefix.start < wanted.end and wanted.start < slot.prefix.end:
+                    for member in slot.members:
+                        if member.node_id not in skip:
+                            former.setdefault(member.node_id, member)
+        alive = {s.node_id for s in view.known_supernodes()}
+        known = [m for m in former.values() if m.node_id in alive]
+        self.rng.shuffle(known)
+        if retired:  # copies of ranges left: those left most recently (at this change) first
+            return known + peers
+        return peers + known
 
     def _serving(self, view: RoutingView) -> bool:
         """Do we still serve ``view``'s slot (a newer view of the same slot counts)?"""
@@ -347,6 +529,8 @@ class Supernode:
             return Stored(message.rid, True)
         if isinstance(message, Pull):
             return self._pull(message)
+        if isinstance(message, DigestRequest):
+            return self._digest(message)
         if isinstance(message, Forward):
             delivered = await self.deliver_local(message.to, message.envelope)
             return Forwarded(message.rid, delivered)
@@ -363,9 +547,10 @@ class Supernode:
             lookup = self.index.get(message.username)
             if lookup.signed is not None:
                 return SearchFound(message.rid, bytes(lookup.signed))
-            if not self.synced:  # "none" would be a guess: send the asker to the replicas
-                return SearchReferral(message.rid, self.view.peers, "slot")
-            return SearchNone(message.rid)
+            complete = self.synced or (self.held is not None and self.held.contains(key))
+            if not complete:  # "none" would be a guess: send the asker to the replicas
+                return SearchReferral(message.rid, self.view.peers, LEVEL_NOT_READY)
+            return SearchNone(message.rid, self.view.peers)
         assert isinstance(route, Refer)
         return SearchReferral(message.rid, route.contacts, route.level)
 
@@ -436,8 +621,9 @@ class Supernode:
             self.index.drop(retired.start, retired.end)
 
     def _pull(self, message: Pull) -> Records:
+        _check_range(message.NAME, message.start, message.end)
         now = self.clock.seconds()
-        ranges = [p for p, until in self.retired if until > now]
+        ranges = [p for p, until in self.retired if until > now] if message.retired else []
         if self.held is not None:
             ranges.append(self.held)
         overlapping = [p for p in ranges if p.start < message.end and message.start < p.end]
@@ -450,6 +636,17 @@ class Supernode:
         batch = tuple(records[at : at + PULL_BATCH])
         following = at + len(batch)
         return Records(message.rid, batch, following if following < len(records) else None)
+
+    def _digest(self, message: DigestRequest) -> DigestReply:
+        """Our digest of a range we hold completely (never of retired ranges: stale)."""
+        _check_range(message.NAME, message.start, message.end)
+        held = self.held
+        if held is None or held.end <= message.start or message.end <= held.start:
+            raise HoldsNone()
+        if not (held.start <= message.start and message.end <= held.end):
+            raise HoldsPart()
+        digest = self.index.digest(message.start, message.end)
+        return DigestReply(message.rid, digest.count, digest.fingerprint_bytes)
 
     # -- replication ----------------------------------------------------------------------------
 
@@ -679,9 +876,10 @@ class SupernodeConnection(FramedConnection):
     def connection_closed(self, reason: Failure | None) -> None:
         if self.username is not None:
             self.supernode.detach(self.username, self)
-        for waiter in self._waiting.values():
+        # Each errback removes its own entry (see ``push``): iterate over a detached copy.
+        waiting, self._waiting = self._waiting, {}
+        for waiter in waiting.values():
             waiter.errback(NotDelivered("The node went away."))
-        self._waiting.clear()
 
 
 class SupernodeFactory(Factory):

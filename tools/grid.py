@@ -86,6 +86,7 @@ class Grid:
         keepalive: float = 15.0,
         silence_timeout: float = 2.0,
         evict_after: float | None = None,
+        anti_entropy_every: float = 5.0,
         seed: int = 1,
     ) -> None:
         self.reactor = reactor
@@ -94,6 +95,7 @@ class Grid:
         self.keepalive = keepalive
         self.silence_timeout = silence_timeout
         self.evict_after = evict_after if evict_after is not None else heartbeat_every * 5
+        self.anti_entropy_every = anti_entropy_every
         self.rng = random.Random(seed)
         self.supernodes: list[GridSupernode] = []
         self.users: dict[str, GridUser] = {}
@@ -142,7 +144,11 @@ class Grid:
     def _new_supernode(self, name: str) -> GridSupernode:
         key = IdentityKey.generate()
         supernode = Supernode(
-            self.reactor, key, self.ca_public, rng=random.Random(self.rng.random())
+            self.reactor,
+            key,
+            self.ca_public,
+            rng=random.Random(self.rng.random()),
+            anti_entropy_every=self.anti_entropy_every,
         )
         searcher = Searcher(self.reactor, supernode.udp, self.ca_public)
         entry: GridSupernode
@@ -205,6 +211,7 @@ class Grid:
         for victim in victims:
             victim.alive = False
             victim.role.stop()
+            victim.supernode.stop()
             for connection in list(victim.supernode.attached.values()):
                 if connection.transport is not None:
                     connection.transport.abortConnection()  # type: ignore[attr-defined]
@@ -244,19 +251,35 @@ class Grid:
         node.start(identity, result.certificate, result.bootstrap)
         self.users[name] = GridUser(name, identity, node, port)
 
-    def where_is(self, username: str) -> dict[str, Any]:
-        """Which live supernodes serve ``username``'s key and which hold its record (for
-        failure messages)."""
+    def where_is(self, username: str, path: Sequence[Sequence[bytes]] = ()) -> dict[str, Any]:
+        """For failure messages: which live supernodes serve ``username``'s key (their held
+        range, whether in sync, their map version, whether they hold its record), which hold
+        its record, and who was asked on a search's ``path``, round by round."""
         key = user_key(username)
+
+        def state(s: GridSupernode) -> str:
+            sn = s.supernode
+            prefix = sn.view.prefix if sn.view is not None else None
+            return (
+                f"{'' if s.alive else 'dead '}v{s.role.version} slot {prefix} held {sn.held} "
+                f"{'synced' if sn.synced else 'syncing'}"
+                f"{' has it' if username in sn.index else ''}"
+            )
+
+        by_id = {s.key.public_key: s for s in self.supernodes}
         serving = [
             s
             for s in self.supernodes
             if s.alive and s.supernode.view and s.supernode.view.prefix.contains(key)
         ]
         return {
-            "serving": {s.name: (str(s.supernode.held), s.supernode.synced) for s in serving},
+            "serving": {s.name: state(s) for s in serving},
             "holding": [
                 s.name for s in self.supernodes if s.alive and username in s.supernode.index
+            ],
+            "path": [
+                [f"{by_id[i].name}: {state(by_id[i])}" if i in by_id else "?" for i in ids]
+                for ids in path
             ],
         }
 
@@ -280,6 +303,7 @@ class Grid:
             await _stop(user.udp_port)
         for entry in self.supernodes:
             entry.role.stop()
+            entry.supernode.stop()
             for connection in list(entry.supernode.attached.values()):
                 connection.close()
             for port in entry.ports:

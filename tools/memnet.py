@@ -35,8 +35,11 @@ class MemoryUDPTransport:
     def stopListening(self) -> None:
         if self.connected:
             self.connected = False
-            self.network.detach(self.address)
+            self._detach()
             self.protocol.doStop()  # type: ignore[no-untyped-call]
+
+    def _detach(self) -> None:
+        self.network.detach(self.address)
 
     loseConnection = stopListening
 

@@ -211,6 +211,25 @@ class Processes:
             process.wait_ready(ready, timeout)
         return process
 
+    def start_in_namespace(
+        self,
+        namespace: str,
+        name: str,
+        module: str,
+        *args: str | os.PathLike[str],
+        ready: re.Pattern[str] | None = None,
+        env: Mapping[str, str | None] | None = None,
+        timeout: float = READY_TIMEOUT,
+    ) -> Process:
+        """Like ``start``, inside a network namespace (``ip netns exec``, which needs root and
+        runs the program in place of itself, so the PID is the program's)."""
+        argv = ["ip", "netns", "exec", namespace, *module_argv(module, *args)]
+        process = Process(name, argv, program_env(env), self.logs)
+        self.started.append(process)
+        if ready is not None:
+            process.wait_ready(ready, timeout)
+        return process
+
     def stop_all(self) -> None:
         for process in reversed(self.started):
             process.stop()

@@ -68,7 +68,8 @@ def test_supernodes_promote_and_users_find_each_other(
     processes: Processes, login_data: Path, short_dir
 ) -> None:
     server = start_login_server(processes, login_data, "--min-supernodes", "2")
-    volunteer = ("--allow-supernode", "--min-uptime", "1", "--heartbeat", "2")
+    # --max-load: a loaded test machine must not make the volunteers decline.
+    volunteer = ("--allow-supernode", "--min-uptime", "1", "--heartbeat", "2", "--max-load", "1000")
     sn1 = node(processes, short_dir() / "sn1", server, *volunteer)
     sn2 = node(processes, short_dir() / "sn2", server, *volunteer)
     plain = node(processes, short_dir() / "plain", server)

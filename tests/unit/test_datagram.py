@@ -6,12 +6,28 @@ from typing import Any
 
 import pytest
 import pytest_twisted
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from twisted.internet.protocol import DatagramProtocol
 from twisted.internet.task import Clock
 
 from overlay.datagram import DatagramEndpoint, PeerTimeout, encode
 from overlay.errors import VoipError
 from overlay.framing import MAX_DATAGRAM_PAYLOAD
 from overlay.messages import Error, Message, Ping, Pong, parse_datagram
+from overlay.stun import (
+    ERROR_CODE,
+    FINGERPRINT,
+    PADDING,
+    UNKNOWN_ATTRIBUTES,
+    XOR_MAPPED_ADDRESS,
+    Attribute,
+    ErrorCode,
+    Method,
+    StunClass,
+    StunMessage,
+)
+from overlay.stun_server import StunResponder
 from tools.memnet import MemoryNetwork
 
 A = ("10.0.0.1", 1000)  # in-memory only: these addresses never reach a socket
@@ -168,3 +184,146 @@ async def test_over_real_udp_sockets_on_loopback() -> None:
     finally:
         await server_port.stopListening()
         await client_port.stopListening()
+
+
+# -- STUN on the same port (supernodes) ---------------------------------------------------------
+
+
+class StunRig:
+    """A STUN-serving endpoint at B and a raw client socket at A that records what comes back."""
+
+    def __init__(self, *, strict: bool = False) -> None:
+        self.clock = Clock()
+        self.net = MemoryNetwork(self.clock, latency=0.01)
+        self.server = DatagramEndpoint(self.clock, self.handle, stun_server=True)
+        if strict:
+            assert self.server.stun is not None
+            self.server.stun.strict = True
+        self.received: list[bytes] = []
+        self.net.attach(self.server, B)
+        self.net.attach(Recorder(self.received), A)
+
+    async def handle(self, message: Message, address: tuple[str, int]) -> Message | None:
+        assert isinstance(message, Ping)
+        return Pong(message.rid, 7.0)
+
+    def exchange(self, data: bytes) -> list[StunMessage]:
+        self.received.clear()
+        self.net.send(A, B, data)
+        pump(self.clock, 0.05)
+        return [StunMessage.parse(d) for d in self.received]
+
+
+class Recorder(DatagramProtocol):
+    def __init__(self, into: list[bytes]) -> None:
+        self.into = into
+
+    def datagramReceived(self, datagram: bytes, addr: Any) -> None:
+        self.into.append(datagram)
+
+
+def test_a_supernode_port_answers_binding_requests_and_overlay_messages() -> None:
+    rig = StunRig()
+    request = StunMessage.request()
+    (reply,) = rig.exchange(bytes(request))
+    assert reply.message_class is StunClass.SUCCESS
+    assert reply.transaction_id == request.transaction_id
+    assert reply.get(XOR_MAPPED_ADDRESS) == A
+    assert not reply.has(FINGERPRINT) and len(rig.received[0]) == 32  # the 1.6x of the docs
+    # With FINGERPRINT asked, FINGERPRINT answered; the overlay still works on the same port.
+    (reply,) = rig.exchange(bytes(StunMessage.request().with_fingerprint()))
+    assert reply.has(FINGERPRINT) and len(rig.received[0]) == 40
+    client = DatagramEndpoint(rig.clock)
+    rig.net.attach(client, ("10.0.0.3", 3000))
+    got = results(client.request(B, Ping, pad_to=64))
+    pump(rig.clock, 0.05)
+    assert isinstance(got[0], Pong)
+    assert rig.server.counters["stun-requests"] == 2 and rig.server.counters["stun-answers"] == 2
+    assert rig.server.counters["bad-datagrams"] == 0
+
+
+def test_stun_errors_name_the_problem_and_never_outgrow_the_request() -> None:
+    rig = StunRig()
+    padding = PADDING(bytes(40))
+    # An unknown comprehension-required attribute: 420 listing it (optional ones are ignored).
+    request = StunMessage.request(Attribute(0x7F01, b"abcd"), Attribute(0xC001, b"x"), padding)
+    (reply,) = rig.exchange(bytes(request))
+    assert reply.get(ERROR_CODE) == ErrorCode(420, "Unknown Attribute")
+    assert reply.get(UNKNOWN_ATTRIBUTES) == (0x7F01,)
+    # A method this server does not serve: 400.
+    (reply,) = rig.exchange(bytes(StunMessage.request(padding, method=Method.ALLOCATE)))
+    assert reply.get(ERROR_CODE) == ErrorCode(400, "Bad Request") and reply.method == 3
+    # Attributes that do not parse: 400, still naming the transaction.
+    broken = bytearray(bytes(StunMessage.request(XOR_MAPPED_ADDRESS(A), padding)))
+    broken[25] = 9  # address family 9
+    (reply,) = rig.exchange(bytes(broken))
+    assert reply.get(ERROR_CODE) == ErrorCode(400, "Bad Request")
+    assert reply.transaction_id == bytes(broken[8:20])
+    # Too small for the phrase: the phrase goes; too small for any error: no answer.
+    small = StunMessage.request(PADDING(bytes(8)), method=Method.ALLOCATE).with_fingerprint()
+    (reply,) = rig.exchange(bytes(small))
+    assert reply.get(ERROR_CODE) == ErrorCode(400, "") and reply.has(FINGERPRINT)
+    assert len(rig.received[0]) <= len(bytes(small)) == 40
+    assert rig.exchange(bytes(StunMessage.request(method=Method.ALLOCATE))) == []
+    counters = rig.server.counters
+    assert counters["stun-errors-420"] == 1 and counters["stun-errors-400"] == 3
+    assert counters["stun-malformed"] == 1 and counters["stun-amplification-refused"] == 1
+
+
+def test_stun_indications_responses_and_bad_fingerprints_get_no_answer() -> None:
+    rig = StunRig()
+    request = StunMessage.request()
+    indication = StunMessage(Method.BINDING, StunClass.INDICATION, request.transaction_id)
+    assert rig.exchange(bytes(indication)) == []
+    assert rig.exchange(bytes(request.success(XOR_MAPPED_ADDRESS(A)))) == []
+    damaged = bytearray(bytes(request.with_fingerprint()))
+    damaged[-1] ^= 1
+    assert rig.exchange(bytes(damaged)) == []
+    counters = rig.server.counters
+    assert counters["stun-indications"] == 1 and counters["stun-stray-responses"] == 1
+    assert counters["stun-bad-fingerprint"] == 1 and counters["stun-received"] == 3
+
+
+def test_strict_mode_answers_only_requests_as_large_as_the_answer() -> None:
+    rig = StunRig(strict=True)
+    assert rig.exchange(bytes(StunMessage.request())) == []
+    assert rig.server.counters["stun-amplification-refused"] == 1
+    (reply,) = rig.exchange(bytes(StunMessage.request(PADDING(bytes(12)))))
+    assert reply.get(XOR_MAPPED_ADDRESS) == A and len(rig.received[0]) == 32
+
+
+def test_an_endpoint_without_the_stun_server_counts_stun_as_garbage() -> None:
+    rig = Rig()
+    rig.net.send(A, B, bytes(StunMessage.request()))
+    pump(rig.clock, 0.05)
+    assert rig.server.counters["bad-datagrams"] == 1
+    assert rig.net.counters["delivered"] == 1
+
+
+def test_supernodes_serve_stun() -> None:
+    from overlay.identity import IdentityKey
+    from overlay.supernode import Supernode
+
+    node = Supernode(Clock(), IdentityKey.from_seed(bytes(32)), bytes(32))
+    assert node.udp.stun is not None and not node.udp.stun.strict
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.binary(max_size=120), st.sampled_from([b"", bytes(StunMessage.request())]))
+def test_the_stun_server_survives_anything(junk: bytes, prefix: bytes) -> None:
+    responder = StunResponder()
+    for data in (junk, prefix[:20] + junk, _stunlike(prefix + junk)):
+        answer = responder.respond(data, A)
+        if answer is not None:
+            message = StunMessage.parse(answer)
+            assert len(answer) <= len(data) or message.message_class is StunClass.SUCCESS
+
+
+def _stunlike(data: bytes) -> bytes:
+    """``data`` with a STUN header whose length fits, so it gets past ``is_stun``."""
+    body = data[20:]
+    body += bytes(-len(body) % 4)
+    head = bytearray(data[:20].ljust(20, b"\x00"))
+    head[0] &= 0x3F
+    head[2:8] = len(body).to_bytes(2, "big") + b"\x21\x12\xa4\x42"
+    return bytes(head) + body

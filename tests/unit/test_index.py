@@ -334,3 +334,30 @@ def test_digest_is_order_independent_and_notices_divergence() -> None:
 
     empty, _ = make_index()
     assert empty.digest() == Digest(0, 0)
+
+
+def test_digest_leaves_out_records_past_retention() -> None:
+    # Whether a replica has purged a record past retention yet is no difference to repair.
+    a, clock = make_index()
+    b, _ = make_index()
+    old = record_of(NAMES[0], lifetime=HOUR)
+    a.put(old)
+    clock.advance(RETENTION - 10)
+    fresh = record_of(NAMES[1], issued_at=NOW + RETENTION - 10)
+    a.put(fresh)
+    assert a.digest().count == 2
+    clock.advance(20)  # the first record is past retention now, still in the index
+    assert NAMES[0] in a
+    b.clock = clock
+    b.put(fresh)
+    assert a.digest() == b.digest()
+    assert a.digest().count == 1
+
+
+def test_the_fingerprint_travels_as_16_bytes() -> None:
+    index, _ = make_index()
+    assert index.digest().fingerprint_bytes == bytes(16)
+    index.put(record_of(NAMES[0]))
+    wire = index.digest().fingerprint_bytes
+    assert len(wire) == 16
+    assert int.from_bytes(wire, "big") == index.digest().fingerprint != 0

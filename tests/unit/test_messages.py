@@ -109,6 +109,8 @@ def test_the_message_table() -> None:
         0x004B: "forward",
         0x004C: "forwarded",
         0x004D: "locate",
+        0x004E: "digest",
+        0x004F: "digest-reply",
         0x0050: "attach",
         0x0051: "attached",
         0x0052: "publish",

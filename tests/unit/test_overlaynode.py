@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 import pytest
-from twisted.internet.defer import fail, succeed
+from twisted.internet.defer import Deferred, fail, succeed
 from twisted.internet.error import ConnectionRefusedError
 from twisted.internet.task import Clock, LoopingCall
 from twisted.internet.testing import StringTransport
@@ -19,10 +19,12 @@ from overlay.errors import ProtocolError
 from overlay.framing import Frame
 from overlay.hostcache import HostCache
 from overlay.identity import IdentityKey
+from overlay.index import Lookup
 from overlay.login_protocol import Contact, supernode_name
 from overlay.messages import Error, decode
+from overlay.presence import Status
 from overlay.slotmap import SlotMap, SupernodeInfo
-from overlay.supernode import Supernode
+from overlay.supernode import NotDelivered, Supernode
 from tools.memnet import MemoryNetwork
 
 CA = IdentityKey.from_seed(bytes(range(32)))
@@ -163,7 +165,7 @@ class Net:
         for connection in list(sn.attached.values()):
             connection.transport.loseConnection()  # type: ignore[union-attr]
 
-    def node(self, name: str) -> OverlayNode:
+    def node(self, name: str, **options: Any) -> OverlayNode:
         udp = DatagramEndpoint(self.clock)
         self.udp.attach(udp, ("10.9.1.1", 5000))
         node = OverlayNode(
@@ -174,6 +176,7 @@ class Net:
             keepalive=15.0,
             silence_timeout=2.0,
             endpoint_factory=self.endpoint,
+            **options,
         )
         identity = IdentityKey.generate()
         cert = issue(CA, name, identity.public_key, serial=1, now=NOW)
@@ -227,3 +230,133 @@ def test_with_every_supernode_gone_the_node_backs_off_and_never_spins() -> None:
     pings = net.udp.counters["sent"]
     assert pings < 200
     assert node.last_error in ("No supernode answered.", "No supernode known yet.")
+
+
+# -- presence records are republished before they expire ---------------------------------------
+
+LIFETIME = 90  # seconds a record claims to be current; republished every 30 s
+
+
+def held(net: Net, username: str) -> list[Lookup]:
+    """What every supernode of the (single-slot) overlay answers about ``username``."""
+    return [sn.index.get(username) for sn in net.sns.values()]
+
+
+def sequences(net: Net, username: str) -> list[int]:
+    records = [lookup.record for lookup in held(net, username)]
+    assert all(r is not None for r in records)
+    return [r.sequence for r in records if r is not None]
+
+
+def run_checking_found(net: Net, username: str, seconds: float, step: float = 0.1) -> None:
+    """Advance the clock, asserting at every step that every replica finds the user online."""
+    for _ in range(round(seconds / step)):
+        net.clock.advance(step)
+        states = [lookup.state for lookup in held(net, username)]
+        assert states == ["found"] * len(states), (net.clock.seconds() - NOW, states)
+
+
+def test_the_record_is_republished_before_it_expires_and_never_lapses() -> None:
+    net = Net(3)
+    node = net.node("alice", record_lifetime=LIFETIME)
+    net.run(0.5)
+    assert node.replicas == 3
+    before = sequences(net, "alice")
+    for _ in range(5):  # 5 x 31 s: well past the 90 s a record lives without a refresh
+        run_checking_found(net, "alice", LIFETIME / 3 + 1)
+        after = sequences(net, "alice")
+        assert all(a > b for a, b in zip(after, before, strict=True)), (before, after)
+        before = after
+    record = held(net, "alice")[0].record
+    assert record is not None and record.expires_at - record.issued_at == LIFETIME
+
+
+def test_a_republish_the_supernode_refuses_is_retried_before_the_record_expires(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    net = Net(3)
+    node = net.node("alice", record_lifetime=LIFETIME)
+    net.run(0.5)
+    sn = net.sns[node.link.info.node_id]  # type: ignore[union-attr]
+    replicate = sn.replicate
+    refusals = 0
+
+    async def refuse_twice(record: bytes, key: int) -> int:
+        nonlocal refusals
+        if refusals < 2:  # e.g. the slot's peers did not answer in time
+            refusals += 1
+            raise NotDelivered("No supernode of the key's block answered.")
+        return await replicate(record, key)
+
+    monkeypatch.setattr(sn, "replicate", refuse_twice)
+    before = sequences(net, "alice")
+    run_checking_found(net, "alice", 2 * LIFETIME)
+    assert refusals == 2
+    assert node.link is not None and node.link.info.node_id == sn.node_id  # no needless move
+    assert all(a > b for a, b in zip(sequences(net, "alice"), before, strict=True))
+
+
+def test_republishing_stops_once_the_node_stops() -> None:
+    net = Net(3)
+    node = net.node("alice", record_lifetime=LIFETIME)
+    net.run(0.5)
+    Deferred.fromCoroutine(node.stop(publish_offline=False))
+    net.run(0.5)
+    last = sequences(net, "alice")
+    accepted = [sn.index.stats.accepted for sn in net.sns.values()]
+    net.run(3 * LIFETIME, step=0.1)
+    assert sequences(net, "alice") == last
+    assert [sn.index.stats.accepted for sn in net.sns.values()] == accepted
+    # Nobody refreshed it: searches now say the user is offline (last seen at the last refresh).
+    assert [lookup.state for lookup in held(net, "alice")] == ["offline"] * 3
+
+
+def test_after_logging_out_the_offline_record_is_not_replaced_by_a_republish() -> None:
+    net = Net(3)
+    node = net.node("alice", record_lifetime=LIFETIME)
+    net.run(0.5)
+    net.run(LIFETIME / 3 - 0.1, step=0.1)  # stop just before a republish is due
+    Deferred.fromCoroutine(node.stop())
+    net.run(0.5)
+    lookups = held(net, "alice")
+    assert all(lu.record is not None and lu.record.status is Status.OFFLINE for lu in lookups)
+    last = sequences(net, "alice")
+    net.run(3 * LIFETIME, step=0.1)
+    assert sequences(net, "alice") == last
+    assert all(lu.record.status is Status.OFFLINE for lu in held(net, "alice"))  # type: ignore[union-attr]
+
+
+def test_logging_out_right_after_a_republish_still_shows_offline() -> None:
+    net = Net(3)
+    node = net.node("alice", record_lifetime=LIFETIME)
+    net.run(0.5)
+    assert node.certificate is not None
+    node.update_certificate(node.certificate)  # a renewed certificate is republished at once
+    Deferred.fromCoroutine(node.stop())  # ... and the user logs out in the same millisecond
+    net.run(0.5)
+    assert [lookup.state for lookup in held(net, "alice")] == ["offline"] * 3
+
+
+def test_a_migrating_node_publishes_at_its_new_supernode_before_it_lets_go(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    net = Net(3)
+    node = net.node("alice")
+    net.run(0.5)
+    assert node.link is not None
+    old = net.sns[node.link.info.node_id]
+    at_detach: list[list[bytes | None]] = []
+    detach = old.detach
+
+    def recording_detach(username: str, connection: Any) -> None:
+        # Where do searches send messages for alice at the moment the old supernode lets go?
+        records = [lookup.record for lookup in held(net, "alice")]
+        at_detach.append([r.supernode.node_id if r and r.supernode else None for r in records])
+        detach(username, connection)
+
+    monkeypatch.setattr(old, "detach", recording_detach)
+    old.migrate_all(old.contacts_for_nodes())  # the supernode is leaving
+    net.run(0.5)
+    assert node.link is not None and node.link.info.node_id != old.node_id
+    assert node.attachments == 2  # moved directly, never detached in between
+    assert at_detach == [[node.link.info.node_id] * 3]

@@ -92,8 +92,8 @@ class FakeOverlay:
     def refer(self, n: int, *targets: int, level: str = "block", delay: float = 0.05) -> None:
         self.nodes[n] = (Referral(contacts=tuple(sn(t) for t in targets), level=level), delay)
 
-    def not_found(self, n: int, delay: float = 0.05) -> None:
-        self.nodes[n] = (NotFound(), delay)
+    def not_found(self, n: int, *replicas: int, delay: float = 0.05) -> None:
+        self.nodes[n] = (NotFound(tuple(sn(r) for r in replicas)), delay)
 
     def fail(self, n: int, error: Exception | object, delay: float = 0.05) -> None:
         self.nodes[n] = (error, delay)
@@ -339,6 +339,85 @@ async def test_not_found_needs_a_supernode_that_serves_the_key() -> None:
     assert result.elapsed < 0.5
 
 
+# -- one replica's "none" is not believed on its own -------------------------------------------
+
+
+async def run(net: FakeOverlay, *start: int, **options: Any) -> SearchResult:
+    searching = net.search(*start, **options)
+    net.run(searching)
+    return await searching
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_replica_saying_none_is_checked_with_the_replicas_it_names() -> None:
+    net = FakeOverlay()
+    net.not_found(1, 2, 3)  # the own supernode lags behind its slot
+    net.serve(2, record(sequence=3))
+    net.not_found(3, 1, 2)
+    result = await run(net, 1)
+    assert (result.outcome, result.record) == ("found", Presence("bob", 3, "online"))
+    assert (result.rounds, path(result)) == (2, [[1], [2, 3]])
+
+
+@pytest_twisted.ensureDeferred
+async def test_two_replicas_saying_none_make_not_found_without_waiting_for_a_third() -> None:
+    net = FakeOverlay()
+    net.refer(1, 11, 12, 13, level="slot")
+    net.not_found(11, 12, 13)
+    net.not_found(12, 11, 13)  # 13 never answers
+    result = await run(net, 1)
+    assert (result.outcome, result.rounds, result.timeouts) == ("not-found", 2, 0)
+    assert result.elapsed < 0.5
+
+
+@pytest_twisted.ensureDeferred
+async def test_the_only_replica_is_believed_at_once() -> None:
+    net = FakeOverlay()
+    net.not_found(1)
+    result = await run(net, 1)
+    assert (result.outcome, result.rounds, path(result)) == ("not-found", 1, [[1]])
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_replica_saying_none_whose_peers_are_all_silent_is_believed_after_asking() -> None:
+    net = FakeOverlay()
+    net.not_found(1, 2, 3)  # 2 and 3 are dead
+    result = await run(net, 1)
+    assert (result.outcome, result.rounds, result.timeouts) == ("not-found", 2, 2)
+    assert path(result) == [[1], [2, 3]]
+
+
+@pytest_twisted.ensureDeferred
+async def test_none_from_one_and_not_ready_from_the_other_replica_is_a_failed_search() -> None:
+    net = FakeOverlay()
+    net.not_found(1, 2)
+    net.refer(2, 1, level="not-ready")  # still pulling its slot: cannot confirm
+    result = await run(net, 1)
+    assert (result.outcome, result.rounds) == ("failed", 2)
+
+
+@pytest_twisted.ensureDeferred
+async def test_replicas_not_ready_do_not_end_the_round_and_the_next_candidates_are_asked() -> None:
+    net = FakeOverlay()
+    net.refer(1, 11, 12, 13, 14, 15, level="slot")
+    for n in (11, 12, 13, 14):
+        net.refer(n, 11, 12, 13, 14, 15, level="not-ready")
+    net.serve(15, record(sequence=2), delay=0.3)
+    result = await run(net, 1)
+    assert (result.outcome, result.rounds) == ("found", 2)
+    assert path(result) == [[1], [11, 12, 13, 14, 15]]  # 15 in the same round, as a fallback
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_quick_lone_none_does_not_cut_short_a_slower_replica_with_the_record() -> None:
+    net = FakeOverlay()
+    net.refer(1, 11, 12, level="slot")
+    net.not_found(11, 12, delay=0.01)
+    net.serve(12, record(sequence=2), delay=0.5)
+    result = await run(net, 1)
+    assert (result.outcome, result.rounds) == ("found", 2)
+
+
 @pytest_twisted.ensureDeferred
 async def test_failed_when_nobody_definitive_answered() -> None:
     net = FakeOverlay()
@@ -376,8 +455,8 @@ async def test_no_supernode_is_asked_twice() -> None:
     net.refer(2, 1, 3, 5)
     net.refer(3, 2, 5, 6)
     net.refer(4, 1, 4)
-    net.not_found(5)
-    net.not_found(6)
+    net.not_found(5, 6)
+    net.not_found(6, 5)
     searching = net.search(1, 1, 2)
     net.run(searching)
     result = await searching
@@ -514,7 +593,8 @@ def overlays(draw: st.DrawFn) -> tuple[FakeOverlay, dict[int, int]]:
             targets = draw(st.lists(st.integers(1, size + 2), max_size=8))
             net.refer(n, *targets, delay=delay)
         elif kind == "not-found":
-            net.not_found(n, delay=delay)
+            replicas = draw(st.lists(st.integers(1, size + 2), max_size=4))
+            net.not_found(n, *replicas, delay=delay)
         elif kind == "error":
             net.fail(n, ConnectionError("lost"), delay=delay)
     return net, good
@@ -555,4 +635,22 @@ def test_search_invariants(
         assert result.record is None
         assert not any(n in good and n in net.answered for n in asked)
     if result.outcome == "not-found":
-        assert any(isinstance(net.nodes.get(n, (None,))[0], NotFound) for n in asked)
+        # Two replicas said "none", or one with no other replica, or one whose replicas were
+        # all asked and did not answer.
+        said_none = [n for n in asked if n in net.answered and not_found_at(net, n)]
+        sole = [n for n in said_none if not not_found_at(net, n).replicas]
+        named = {number(i.node_id) for n in said_none for i in not_found_at(net, n).replicas}
+        unconfirmed = named - set(said_none)
+        replied = {
+            n for n in net.answered if isinstance(net.nodes[n][0], Found | Referral | NotFound)
+        }
+        assert (
+            len(said_none) >= 2
+            or sole
+            or (said_none and unconfirmed <= set(asked) and not unconfirmed & replied)
+        )
+
+
+def not_found_at(net: FakeOverlay, n: int) -> Any:
+    answer = net.nodes.get(n, (None,))[0]
+    return answer if isinstance(answer, NotFound) else None

@@ -18,7 +18,7 @@ from overlay.certificate import Role, issue
 from overlay.connection import ClientConnection
 from overlay.datagram import DatagramEndpoint
 from overlay.identity import IdentityKey
-from overlay.keyspace import user_key
+from overlay.keyspace import Prefix, user_key
 from overlay.login_protocol import proof_message, supernode_name
 from overlay.messages import Error, Message, Ping, Pong
 from overlay.overlay_protocol import (
@@ -50,7 +50,7 @@ from overlay.presence import (
     sign,
 )
 from overlay.search import Found, NotFound, Referral, Reply, iterative_search
-from overlay.slotmap import BLOCK_SLOTS, SlotMap, SupernodeInfo, moves
+from overlay.slotmap import BLOCK_SLOTS, Slot, SlotMap, SupernodeInfo, moves
 from overlay.supernode import (
     DELIVERY_TIMEOUT,
     RETIRE_AFTER,
@@ -128,7 +128,8 @@ def error_of(message: Any) -> Error:
 class Overlay:
     """``count`` admitted supernodes on one in-memory network, all holding the same map."""
 
-    def __init__(self, count: int, *, seed: int = 0) -> None:
+    def __init__(self, count: int, *, seed: int = 0, anti_entropy_every: float = 30.0) -> None:
+        self.anti_entropy_every = anti_entropy_every
         self.clock = Clock()
         self.clock.advance(NOW)
         self.net = MemoryNetwork(self.clock, latency=0.001)
@@ -150,7 +151,13 @@ class Overlay:
         key = IdentityKey.from_seed((self._seed * 100_000 + n).to_bytes(32, "big"))
         info = SupernodeInfo(key.public_key, f"10.1.{n // 250}.{n % 250 + 1}", 7000, 7001)
         self.keys[key.public_key] = key
-        sn = Supernode(self.clock, key, CA.public_key, rng=random.Random(n))
+        sn = Supernode(
+            self.clock,
+            key,
+            CA.public_key,
+            rng=random.Random(n),
+            anti_entropy_every=self.anti_entropy_every,
+        )
         self.sns[key.public_key] = sn
         self.net.attach(sn.udp, (info.host, info.udp_port))
         return info
@@ -211,7 +218,7 @@ class Overlay:
             if isinstance(reply, SearchReferral):
                 return Referral(reply.contacts, reply.level)
             if isinstance(reply, SearchNone):
-                return NotFound()
+                return NotFound(reply.replicas)
             return reply
 
         asking = self.client.request(
@@ -393,12 +400,16 @@ def _late_joiner(overlay: Overlay, names: int) -> tuple[Supernode, SlotMap, list
 def test_a_late_joiner_refers_searches_to_its_peers_until_it_has_pulled_its_slot() -> None:
     overlay = Overlay(25, seed=7)
     joiner, new_map, records = _late_joiner(overlay, 3)
-    overlay.apply(new_map)
-    overlay.map = new_map
-    assert not joiner.synced
     peers = {n for n in new_map.slots[new_map.slot_of(joiner.node_id) or 0].members} - {
         joiner.node_id
     }
+    assert joiner.info is None
+    joiner_host = new_map.info(joiner.node_id).host
+    for peer in peers:  # its pulls get lost for now
+        overlay.net.link_loss[joiner_host, new_map.info(peer).host] = 1.0
+    overlay.apply(new_map)
+    overlay.map = new_map
+    assert not joiner.synced
     # A name it has no record of: until it has pulled its slot, "none" would be a guess.
     slot = new_map.slot_of(joiner.node_id) or 0
     held = {r.record.username for r in records}
@@ -411,19 +422,23 @@ def test_a_late_joiner_refers_searches_to_its_peers_until_it_has_pulled_its_slot
             pad_to=SEARCH_PAD,
         )
     )
-    pump(overlay.clock, 0.01)  # two hops: the question and its answer; the pull needs more
+    pump(overlay.clock, 0.01)
     [reply] = got
     assert isinstance(reply, SearchReferral), reply
-    assert reply.level == "slot"
+    assert reply.level == "not-ready"
     assert {c.node_id for c in reply.contacts} == peers
     assert not joiner.synced
-    pump(overlay.clock, 0.5)
+    overlay.net.link_loss.clear()
+    pump(overlay.clock, 5.0)  # the pull is tried again
     assert joiner.synced
     assert sorted(joiner.index.export(0, 1 << 64)) == sorted(bytes(r) for r in records)
     for record in records:
         reply = overlay.search(joiner, record.record.username)
         assert isinstance(reply, SearchFound) and reply.record == bytes(record)
-    assert isinstance(overlay.search(joiner, name), SearchNone)  # now it knows
+    # Now it knows, and names the other replicas (an asker should hear one of them too).
+    none = overlay.search(joiner, name)
+    assert isinstance(none, SearchNone)
+    assert {c.node_id for c in none.replicas} == peers
 
 
 def test_a_newer_view_during_the_pull_does_not_leave_the_joiner_unsynced() -> None:
@@ -465,6 +480,59 @@ def test_a_supernode_moved_to_another_slot_drops_the_old_records_and_pulls_the_n
     assert isinstance(overlay.ask(sn, lambda rid: Search(rid, name), SEARCH_PAD), SearchReferral)
     pump(overlay.clock, RETIRE_AFTER + 1, step=1.0)
     assert second.record.username not in sn.index
+
+
+def crafted(version: int, layout: dict[Prefix, list[SupernodeInfo]]) -> SlotMap:
+    """A map with exactly this layout (the login server's rules would never make some)."""
+    infos = sorted((i for group in layout.values() for i in group), key=lambda i: i.node_id)
+    slots = [
+        Slot(p, tuple(sorted(i.node_id for i in group)))
+        for p, group in sorted(layout.items(), key=lambda item: item[0].start)
+    ]
+    return SlotMap(version, tuple(slots), tuple(infos))
+
+
+def test_a_slot_over_a_range_none_of_its_members_held_pulls_it_from_the_former_holders() -> None:
+    overlay = Overlay(30, seed=31)  # slots 00*, 01*, 1*: members a, b, c
+    a, b, c = (list(overlay.map.members(i)) for i in range(3))
+    records = [record_of(overlay.name_in_slot(i)) for i in range(3)]
+    for record in records:
+        overlay.store_everywhere(record)
+    # c now serves 0*, which none of its members ever held; a and b serve 1*, ditto.
+    new = crafted(overlay.map.version + 1, {Prefix(0, 1): c, Prefix(1, 1): a + b})
+    overlay.apply(new)
+    overlay.map = new
+    pump(overlay.clock, 1.0)  # well before the old holders hand their records over
+    assert all(sn.synced for sn in overlay.sns.values())
+    for info in c:
+        sn = overlay.sns[info.node_id]
+        assert all(r.record.username in sn.index for r in records[:2])
+        reply = overlay.search(sn, records[0].record.username)
+        assert isinstance(reply, SearchFound) and reply.record == bytes(records[0])
+    for info in a + b:
+        assert records[2].record.username in overlay.sns[info.node_id].index
+
+
+def test_a_copy_of_a_range_left_long_ago_is_not_taken_for_the_range() -> None:
+    overlay = Overlay(10, seed=32)  # one slot: everybody holds everything
+    a = list(overlay.map.supernodes)
+    b = [overlay.new_info() for _ in range(10)]
+    split = crafted(overlay.map.version + 1, {Prefix(0, 1): a, Prefix(1, 1): b})
+    overlay.apply(split)
+    pump(overlay.clock, 1.0)
+    assert all(sn.synced for sn in overlay.sns.values())
+    # A record of the half a left arrives after the split: only b holds it.
+    late = record_of(next(n for i in range(200) if user_key(n := f"late{i}") >> 63 == 1))
+    for info in b:
+        assert overlay.sns[info.node_id].index.put(late)
+    overlay.clock.advance(60)
+    merged = crafted(split.version + 1, {Prefix.root(): a + b})
+    overlay.apply(merged)
+    pump(overlay.clock, 2.0)
+    # a's members keep the key space they held before the split for pulls, but that copy
+    # lacks the late record: it must not pass for the range b's members hold in full.
+    assert all(sn.synced for sn in overlay.sns.values())
+    assert all(late.record.username in overlay.sns[info.node_id].index for info in a)
 
 
 # -- the small UDP requests --------------------------------------------------------------------

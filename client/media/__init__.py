@@ -1,0 +1,1 @@
+"""Media for calls: Opus, audio sources and sinks, RTP, encryption, the jitter buffer."""
