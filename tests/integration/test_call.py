@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import re
+import signal
 from pathlib import Path
 
 import pytest
@@ -172,6 +173,26 @@ def test_call_states_and_refusals(processes: Processes, network, short_dir) -> N
     assert calling.wait_exit(20) == 1
     assert calling.stderr.strip().splitlines()[-1] == "voipctl: bob declined the call."
     wait_for(lambda: status(alice).get("call") is None, "alice's call ending")
+
+    # Ctrl-C on a ringing call cancels it: bob's phone stops ringing (a missed call).
+    calling = processes.start(
+        "call",
+        VOIPCTL,
+        "--socket",
+        alice.socket,
+        "call",
+        "bob",
+        "--play",
+        str(alice_says),
+        "--record",
+        str(heard),
+    )
+    wait_for(lambda: (status(bob).get("call") or {}).get("state") == "incoming", "bob ringing")
+    calling.signal(signal.SIGINT)
+    assert calling.wait_exit(20) == 1
+    assert "Hanging up..." in calling.stderr
+    assert "You cancelled the call." in calling.stdout
+    wait_for(lambda: status(bob).get("call") is None, "bob's phone stopping")
 
 
 def test_call_through_real_sound_devices(processes: Processes, login_data: Path, short_dir) -> None:
