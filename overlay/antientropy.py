@@ -11,8 +11,9 @@ supernode that holds its whole slot picks one slot peer at random and asks it fo
 (``digest`` request, ``overlay.overlay_protocol``).  Where the digests differ it halves the range
 and compares the halves, depth first, down to ranges where the peer holds at most
 ``LEAF_RECORDS`` records (or where we hold none), and pulls those ranges from the peer with
-``pull`` (the mechanism a joining supernode uses).  The index keeps the newest record of each
-user, so a pull only adds or updates.
+``pull`` (the mechanism a joining supernode uses: ``overlay.slotsync``).  Where the peer holds
+fewer records than we do it is behind: it pulls from us in its own rounds, and we learn what it
+has then.  The index keeps the newest record of each user, so a pull only adds or updates.
 
 A round is bounded: at most ``MAX_DIGESTS`` digest requests and ``MAX_PULLED`` pulled records;
 what it did not reach, a later round reaches (perhaps with another peer).  It is pull-only: a
@@ -166,7 +167,7 @@ class AntiEntropy:
             before = sn.index.stats.accepted
             # More there than we may pull: start at a random record, so rounds cover it all.
             offset = sn.rng.randrange(count - room + 1) if count > room else 0
-            report.received += await sn.pull_from(view, peer, part, limit=room, cursor=offset)
+            report.received += await sn.sync.pull_from(view, peer, part, limit=room, cursor=offset)
             report.accepted += sn.index.stats.accepted - before
             report.pulled_ranges.append(part)
         sn.counters["anti-entropy-pulled"] += report.accepted
@@ -194,8 +195,10 @@ class AntiEntropy:
             theirs = await self.ask_digest(peer, part)
             report.digests += 1
             mine = sn.index.digest(part.start, part.end)
-            if theirs == mine or theirs.count == 0:
-                continue  # the same, or nothing there for us
+            if theirs == mine or theirs.count == 0 or theirs.count < mine.count:
+                # The same, or nothing there for us, or the peer is behind us there: it will
+                # pull from us in its own rounds, and what it has that we lack comes after.
+                continue
             if theirs.count <= LEAF_RECORDS or mine.count == 0 or part.length >= KEY_BITS:
                 found.append((part, theirs.count))
                 expected += theirs.count
@@ -227,5 +230,4 @@ class AntiEntropy:
         return Digest(reply.count, int.from_bytes(reply.fingerprint, "big"))
 
     def _serving(self, view: RoutingView) -> bool:
-        current = self.supernode.view
-        return current is not None and current.prefix == view.prefix
+        return self.supernode.serves(view)

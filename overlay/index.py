@@ -139,12 +139,15 @@ class PresenceIndex:
         if not self.owns(key):
             self.stats.foreign += 1
             raise NotServed(f"This supernode does not serve the key of {username}.")
+        held = self._entries.get(username)
+        if held is not None and held.data == data:
+            self.stats.stale += 1  # the very record we hold (a pull, push or store again):
+            return False  # verified when it came first
         try:
             presence = signed.verify(self.ca_public_key, self.clock.seconds())
         except PresenceError:
             self.stats.bad += 1
             raise
-        held = self._entries.get(username)
         if (held is not None and presence.sequence <= held.signed.record.sequence) or (
             self._past_retention(presence)
         ):

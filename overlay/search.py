@@ -21,12 +21,14 @@ Each reply is one of:
   for it; ``replicas`` are the slot's other members (none: it is the only one).
 
 A round waits for all its asks (each bounded by ``timeout`` on the clock), so that when several
-replicas answer, the record with the highest ``sequence`` wins.  If none of a round's first
-``parallel`` asks settles anything (all failed, timed out, sent only bad records, or one replica
-said "none" alone), up to ``fallback`` more of that round's candidates are tried, still at most
-``parallel`` at a time.  The search ends at the first round with a valid record (``classify``
-then says "found" or "offline"), when "not found" is agreed, when there is nobody new to ask, or
-after ``max_rounds`` rounds.  No supernode is asked twice.
+replicas answer, the record with the highest ``sequence`` wins; it ends sooner, a little after
+the first answer that settles it (a record, an agreed "none", or a referral except in the last
+round, where there is no next round to follow it).  If none of a round's first ``parallel``
+asks settles anything (all failed, timed out, sent only bad records, said "not ready", or one
+replica said "none" alone), up to ``fallback`` more of that round's candidates are tried, still
+at most ``parallel`` at a time.  The search ends at the first round with a valid record
+(``classify`` then says "found" or "offline"), when "not found" is agreed, when there is nobody
+new to ask, or after ``max_rounds`` rounds.  No supernode is asked twice.
 
 One replica's "none" is not believed on its own: a replica can lag behind its slot (a record
 stored while it was away, a slot that just merged).  The outcome is "not-found" only when two
@@ -130,8 +132,10 @@ class _Search:
         parallel: int,
         fallback: int,
         timeout: float,
+        max_rounds: int,
     ) -> None:
         self.clock = clock
+        self.max_rounds = max_rounds
         self.username = username
         self.ask = ask
         self.verify = verify
@@ -154,11 +158,14 @@ class _Search:
         return len(self.none_from) >= 2 or self.sole_none
 
     def settled(self, answers: list[_Answer]) -> bool:
-        """Has the round learnt enough that its other candidates need not be asked?"""
+        """Has the round learnt enough that its other candidates need not be asked?  In the
+        last round a referral does not count: there is no next round to follow it."""
+        last = self.result.rounds >= self.max_rounds
         return self.not_found_agreed or any(
             a.valid
             or (
-                isinstance(a.reply, Referral)
+                not last
+                and isinstance(a.reply, Referral)
                 and a.reply.level != LEVEL_NOT_READY
                 and a.reply.contacts
             )
@@ -380,6 +387,7 @@ async def iterative_search(  # noqa: PLR0917 - the signature its callers were pr
         parallel=parallel,
         fallback=fallback,
         timeout=timeout,
+        max_rounds=max_rounds,
     )
     result = search.result
     candidates = _unique(start)

@@ -5,10 +5,10 @@ A ``Supernode`` owns:
 - its node key and, once admitted by the login server, its supernode certificate and routing
   view (``overlay.slotmap.RoutingView``: own slot, own block, a few contacts per other block);
 - the presence records of its slot (``overlay.index.PresenceIndex``), replicated at every
-  member of the slot; a supernode that joins a slot pulls the slot's records from a peer (or,
-  when no peer holds them, from the members of the slots that held them before the change)
-  before it answers "none" for it (until then it refers askers to its peers: "not ready"), and
-  compares digests with a random slot peer now and then (``overlay.antientropy``);
+  member of the slot; a supernode whose slot changed pulls what it lacks of it from the
+  replicas, or from those who held it before the change (``overlay.slotsync``), and until then
+  answers searches for that part with "not ready" rather than "none"; it compares digests
+  with a random slot peer now and then and pulls what differs (``overlay.antientropy``);
 - a UDP endpoint (``overlay.datagram``) for searches, stores, pulls, pings, reachability checks
   and forwarded messages;
 - a TCP service for attached ordinary nodes (``SupernodeConnection``): attach with a user
@@ -20,11 +20,9 @@ Message table: ``overlay.overlay_protocol``.
 from __future__ import annotations
 
 import contextlib
-import functools
 import random
 from collections import Counter
 from collections.abc import Callable
-from dataclasses import dataclass, field
 from typing import Any
 
 from twisted.internet import defer
@@ -32,7 +30,6 @@ from twisted.internet.defer import (
     Deferred,
     DeferredList,
     DeferredSemaphore,
-    FirstError,
     gatherResults,
 )
 from twisted.internet.interfaces import IAddress, IReactorTime
@@ -48,9 +45,9 @@ from overlay.datagram import Address, DatagramEndpoint
 from overlay.errors import ProtocolError, VoipError
 from overlay.identity import IdentityKey, verify_signature
 from overlay.index import PresenceIndex
-from overlay.keyspace import KEY_BITS, KEY_SPACE, Prefix, user_key
+from overlay.keyspace import KEY_SPACE, Prefix, user_key
 from overlay.login_protocol import proof_message
-from overlay.messages import Error, Message, Ping, Pong
+from overlay.messages import Message, Ping, Pong
 from overlay.overlay_protocol import (
     SEARCH_PAD,
     Ack,
@@ -82,6 +79,7 @@ from overlay.overlay_protocol import (
 from overlay.presence import PresenceError, SignedPresence
 from overlay.search import LEVEL_NOT_READY
 from overlay.slotmap import Refer, RoutingView, Serve, SupernodeInfo, ViewSlot
+from overlay.slotsync import HoldsNone, HoldsPart, SlotSync, missing_ranges
 from overlay.usernames import canonical_username
 
 REACH_CONTEXT = b"voip-reach-v1"
@@ -89,38 +87,22 @@ ATTACH_IDLE_TIMEOUT = 60.0
 HANDSHAKE_TIMEOUT = 10.0
 PEER_TIMEOUT = 2.0
 PULL_BATCH = 1
-#: Pull requests a puller keeps out at once (one record comes per reply).
-PULL_WINDOW = 8
-#: Sources asked at once whether they hold a range.
-PROBE_PARALLEL = 2
 DELIVERY_TIMEOUT = 5.0
-SYNC_RETRY = 2.0
-SYNC_ATTEMPTS = 5
-#: How many times a range nobody holds whole is halved before we conclude nobody holds it.
-PULL_SPLIT_DEPTH = 6
+#: Attempts at handing the records of a range we left over to its new slot.
+HANDOFF_ATTEMPTS = 5
 #: How long records of a range we stopped serving stay available to pulls.
 RETIRE_AFTER = 600.0
 #: Records of a range we left are stored at its new slot after views had time to spread.
 HANDOFF_DELAY = 3.0
 HANDOFF_PARALLEL = 16
+#: At most this many slot peers are named in a "none" or "not ready" search reply.
+MAX_NAMED = 10
 
 
 class SupernodeFull(VoipError):
     """This supernode carries as many nodes as it may; try another."""
 
     code = "supernode-full"
-
-
-class HoldsNone(VoipError):
-    """This supernode holds none of that key range."""
-
-    code = "holds-none"
-
-
-class HoldsPart(VoipError):
-    """This supernode holds only a part of that key range; ask for less."""
-
-    code = "holds-part"
 
 
 class NotAttached(VoipError):
@@ -137,37 +119,6 @@ class NotDelivered(VoipError):
 
 def _username_of(blob: bytes) -> str:
     return SignedPresence.parse(blob).record.username
-
-
-def _missing(prefix: Prefix, held: Prefix | None) -> list[Prefix]:
-    """The parts of ``prefix`` outside ``held`` (which lies inside it), as prefixes."""
-    if held is None:
-        return [prefix]
-    out: list[Prefix] = []
-    part = held
-    while part != prefix:
-        out.append(part.sibling())
-        part = part.parent()
-    return out
-
-
-@dataclass
-class _Probe:
-    """What the sources of a range said when asked for its first record."""
-
-    #: those that hold all of it, with their reply
-    full: list[tuple[SupernodeInfo, Records]] = field(default_factory=list)
-    #: those that hold a part of it
-    partial: list[SupernodeInfo] = field(default_factory=list)
-    #: did any not answer (timed out, failed)?
-    silent: bool = False
-
-
-def _first_error(failure: Failure) -> Failure:
-    """The failure of the first of several requests that failed (``gatherResults``)."""
-    if isinstance(failure.value, FirstError):
-        return failure.value.subFailure
-    return failure
 
 
 def _check_range(request: str, start: int, end: int) -> None:
@@ -216,7 +167,7 @@ class Supernode:
         self.udp = DatagramEndpoint(clock, self.handle_datagram, stun_server=True)
         self.attached: dict[str, SupernodeConnection] = {}
         self.counters: Counter[str] = Counter()
-        self._sync: Deferred[None] | None = None
+        self.sync = SlotSync(self)
         self.anti_entropy = AntiEntropy(self, every=anti_entropy_every)
 
     @property
@@ -244,8 +195,8 @@ class Supernode:
 
         ``held`` is the key range our index holds completely.  A slot that split keeps what
         it held (a part of it); a slot that grew (merge, or a move to another slot) pulls the
-        ranges it lacks from slot peers that hold them, and until then refers searches for its
-        slot to those peers instead of answering "no such record".
+        ranges it lacks (``overlay.slotsync``), and until then refers searches for them to its
+        peers ("not ready") instead of answering "no such record".
         """
         old = self.view
         self.view = view
@@ -274,7 +225,7 @@ class Supernode:
             self.held = prefix
         else:
             self.held = None
-        missing = _missing(prefix, self.held)
+        missing = missing_ranges(prefix, self.held)
         if missing and not view.peers:
             missing = []  # alone in the slot: nobody to learn from (a new overlay)
         self.synced = not missing
@@ -287,216 +238,9 @@ class Supernode:
             missing=len(missing),
         )
         if missing:
-            self._sync = Deferred.fromCoroutine(self._pull_ranges(view, missing, 1))
+            self.sync.pull(view, missing)
 
-    async def _pull_ranges(self, view: RoutingView, missing: list[Prefix], attempt: int) -> None:
-        done = await gatherResults(
-            [Deferred.fromCoroutine(self._pull_range(view, wanted)) for wanted in missing]
-        ).addErrback(_first_error)
-        still = [wanted for wanted, ok in zip(missing, done, strict=True) if not ok]
-        if not self._serving(view):
-            return
-        if still and attempt < SYNC_ATTEMPTS:
-            self.clock.callLater(SYNC_RETRY, self._retry_sync, view, still, attempt + 1)
-            return
-        if still:
-            self.log.warn(
-                "no slot peer holds {count} ranges of {prefix}; serving without them "
-                "(their users republish within minutes)",
-                count=len(still),
-                prefix=view.prefix,
-            )
-        self.held = view.prefix
-        self.synced = True
-
-    def _retry_sync(self, view: RoutingView, missing: list[Prefix], attempt: int) -> None:
-        if self._serving(view) and not self.synced:
-            self._sync = Deferred.fromCoroutine(self._pull_ranges(view, missing, attempt))
-
-    async def _pull_range(
-        self,
-        view: RoutingView,
-        wanted: Prefix,
-        depth: int = 0,
-        peers: list[SupernodeInfo] | None = None,
-        *,
-        retired: bool = False,
-    ) -> bool:
-        """Fetch ``wanted`` from peers that hold it.  True when done, or when no peer holds
-        any of it (nothing to learn); False when peers did not answer (try again later).
-
-        A peer holds one prefix-aligned range, maybe only a part of ``wanted`` (slots merge
-        and move while views spread): such a peer answers "partly", and the range is then
-        asked for in halves, of the peers that hold part of it.  Slot peers are asked first,
-        then the members of the slots that held ``wanted`` in views we left: after a merge or
-        a move, the range's only holders may now serve other slots.  When nobody holds a range
-        now, it is asked for once more from ranges peers left (``retired``): copies as of
-        when they left it, better than none.
-        """
-        if peers is None:
-            peers = self._sources(view, wanted, retired=retired)
-        if not self._serving(view):
-            return True  # not ours any more: nothing to do
-        # Ask every source at once for the range's first record; in the current map any full
-        # holder will do (the first to answer), of copies of left ranges the most recent.
-        probe = await self._probe(peers, wanted, retired=retired, first_wins=not retired)
-        if probe.full:
-            peer, first = probe.full[0]
-            self.index.import_records(first.records)
-            if first.cursor is None:
-                return True
-            try:
-                await self.pull_from(view, peer, wanted, retired=retired, cursor=first.cursor)
-            except VoipError as exc:
-                self.log.debug("pull from a slot peer failed: {error}", error=exc)
-                return False
-            return True
-        if probe.partial and depth < PULL_SPLIT_DEPTH and wanted.length < KEY_BITS:
-            halves = [
-                await self._pull_range(view, half, depth + 1, probe.partial, retired=retired)
-                for half in wanted.children()
-            ]
-            return all(halves)
-        if not probe.partial and not probe.silent and not retired:
-            return await self._pull_range(view, wanted, depth, retired=True)
-        return not probe.silent
-
-    def _probe(
-        self, peers: list[SupernodeInfo], wanted: Prefix, *, retired: bool, first_wins: bool
-    ) -> Deferred[_Probe]:
-        """Ask ``peers`` for the first record of ``wanted``, ``PROBE_PARALLEL`` at a time, in
-        order.  Fires when every one answered or failed, or (``first_wins``) at the first full
-        holder's reply (those not asked by then are not asked)."""
-        probe = _Probe()
-        settled: Deferred[_Probe] = Deferred()
-        remaining = len(peers)
-        window = DeferredSemaphore(PROBE_PARALLEL)
-
-        def answered(reply: Records, peer: SupernodeInfo) -> None:
-            if reply.cursor is not None and reply.cursor <= 0:
-                probe.silent = True  # a broken reply: as good as none
-                return
-            probe.full.append((peer, reply))
-            if first_wins and not settled.called:
-                settled.callback(probe)
-
-        def failed(failure: Failure, peer: SupernodeInfo) -> None:
-            if isinstance(failure.value, HoldsPart):
-                probe.partial.append(peer)
-            elif isinstance(failure.value, VoipError):
-                probe.silent |= not isinstance(failure.value, HoldsNone)
-            else:
-                self.log.failure("probing a slot peer failed", failure)
-                probe.silent = True
-
-        def counted(_: object) -> None:
-            nonlocal remaining
-            remaining -= 1
-            if remaining == 0 and not settled.called:
-                order = {p.node_id: i for i, p in enumerate(peers)}
-                probe.full.sort(key=lambda item: order[item[0].node_id])
-                settled.callback(probe)
-
-        def ask(peer: SupernodeInfo) -> Deferred[None]:
-            if settled.called:
-                return defer.succeed(None)
-            asking = self._pull_one(peer, wanted, 0, retired)
-            return asking.addCallbacks(answered, failed, callbackArgs=(peer,), errbackArgs=(peer,))
-
-        for peer in peers:
-            window.run(ask, peer).addBoth(counted)
-        if not peers:
-            settled.callback(probe)
-        return settled
-
-    async def pull_from(
-        self,
-        view: RoutingView,
-        peer: SupernodeInfo,
-        wanted: Prefix,
-        limit: int | None = None,
-        *,
-        retired: bool = False,
-        cursor: int = 0,
-    ) -> int:
-        """Import ``peer``'s records of ``wanted`` (at most ``limit``, from its ``cursor``-th
-        on); how many came.
-
-        A reply carries one record (it may not be larger than its request), so once the first
-        reply says there is more, up to ``PULL_WINDOW`` requests, for consecutive positions,
-        are out at once.
-        ``HoldsPart`` / ``HoldsNone`` when the peer does not hold all of ``wanted`` (counting
-        ranges it left only when ``retired``), another ``VoipError`` when it did not answer.
-        Stops when we no longer serve ``view``'s slot.
-        """
-        received = 0
-        at = cursor
-        window = 1  # an empty or one-record range costs one request
-        while self._serving(view):
-            count = window if limit is None else min(window, limit - received)
-            if count <= 0:
-                break
-            replies = await gatherResults(
-                [self._pull_one(peer, wanted, at + i, retired) for i in range(count)],
-                consumeErrors=True,
-            ).addErrback(_first_error)
-            finished = False
-            for position, reply in enumerate(replies, start=at):
-                if reply.cursor is not None and reply.cursor <= position:
-                    raise ProtocolError("The pull reply's cursor does not move on.")
-                self.index.import_records(reply.records)
-                received += len(reply.records)
-                finished = finished or reply.cursor is None
-            if finished:
-                break
-            at += count
-            window = PULL_WINDOW
-        return received
-
-    def _pull_one(
-        self, peer: SupernodeInfo, wanted: Prefix, position: int, retired: bool
-    ) -> Deferred[Records]:
-        def check(reply: Message) -> Records:
-            if isinstance(reply, Error) and reply.code == HoldsPart.code:
-                raise HoldsPart()
-            if isinstance(reply, Error) and reply.code == HoldsNone.code:
-                raise HoldsNone()
-            if not isinstance(reply, Records):
-                raise ProtocolError(f"pull answered with {reply.NAME}")
-            return reply
-
-        return self.udp.request(
-            (peer.host, peer.udp_port),
-            functools.partial(
-                Pull, start=wanted.start, end=wanted.end, cursor=position, retired=retired
-            ),
-            timeout=PEER_TIMEOUT,
-            pad_to=SEARCH_PAD,  # room for a record in the reply
-        ).addCallback(check)
-
-    def _sources(
-        self, view: RoutingView, wanted: Prefix, *, retired: bool = False
-    ) -> list[SupernodeInfo]:
-        """Whom to pull ``wanted`` from: slot peers, then members of slots that held part of
-        it in views we left and that our view still knows (the others may well be dead)."""
-        peers = list(view.peers)
-        self.rng.shuffle(peers)
-        skip = {p.node_id for p in peers} | {self.node_id}
-        former: dict[bytes, SupernodeInfo] = {}
-        for slots, _ in self.former:
-            for slot in slots:
-                if slot.prefix.start < wanted.end and wanted.start < slot.prefix.end:
-                    for member in slot.members:
-                        if member.node_id not in skip:
-                            former.setdefault(member.node_id, member)
-        alive = {s.node_id for s in view.known_supernodes()}
-        known = [m for m in former.values() if m.node_id in alive]
-        self.rng.shuffle(known)
-        if retired:  # copies of ranges left: those left most recently (at this change) first
-            return known + peers
-        return peers + known
-
-    def _serving(self, view: RoutingView) -> bool:
+    def serves(self, view: RoutingView) -> bool:
         """Do we still serve ``view``'s slot (a newer view of the same slot counts)?"""
         return self.view is not None and self.view.prefix == view.prefix
 
@@ -549,10 +293,19 @@ class Supernode:
                 return SearchFound(message.rid, bytes(lookup.signed))
             complete = self.synced or (self.held is not None and self.held.contains(key))
             if not complete:  # "none" would be a guess: send the asker to the replicas
-                return SearchReferral(message.rid, self.view.peers, LEVEL_NOT_READY)
-            return SearchNone(message.rid, self.view.peers)
+                return SearchReferral(message.rid, self._replicas(), LEVEL_NOT_READY)
+            return SearchNone(message.rid, self._replicas())
         assert isinstance(route, Refer)
         return SearchReferral(message.rid, route.contacts, route.level)
+
+    def _replicas(self) -> tuple[SupernodeInfo, ...]:
+        """Slot peers to name in a search reply: at most ``MAX_NAMED``, so it fits the
+        padded request (a slot has 9-10 members, but may have more for a while)."""
+        assert self.view is not None
+        peers = list(self.view.peers)
+        if len(peers) > MAX_NAMED:
+            peers = self.rng.sample(peers, MAX_NAMED)
+        return tuple(peers)
 
     def _locate(self, rid: int, key: int) -> SearchReferral:
         assert self.view is not None
@@ -602,7 +355,7 @@ class Supernode:
             placed = await gatherResults([window.run(place, key, blob) for key, blob in records])
             unplaced = placed.count(False)
             self.counters["handed-off"] += len(records) - unplaced
-            if unplaced and attempt < SYNC_ATTEMPTS:
+            if unplaced and attempt < HANDOFF_ATTEMPTS:
                 self.clock.callLater(HANDOFF_DELAY, self._hand_off, retired, attempt + 1)
 
         Deferred.fromCoroutine(move()).addErrback(lambda f: self.log.failure("hand-off failed", f))

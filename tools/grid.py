@@ -86,7 +86,7 @@ class Grid:
         keepalive: float = 15.0,
         silence_timeout: float = 2.0,
         evict_after: float | None = None,
-        anti_entropy_every: float = 5.0,
+        anti_entropy_every: float = 10.0,
         seed: int = 1,
     ) -> None:
         self.reactor = reactor

@@ -419,6 +419,26 @@ async def test_a_quick_lone_none_does_not_cut_short_a_slower_replica_with_the_re
 
 
 @pytest_twisted.ensureDeferred
+async def test_in_the_last_round_a_referral_does_not_cut_short_a_replica_with_the_record() -> None:
+    # Views differ while slots change: a supernode with an older view refers on, but there is
+    # no round left to follow it.
+    net = FakeOverlay()
+    net.refer(1, 11, 12, level="slot")
+    net.refer(11, 21, 22, level="slot", delay=0.01)
+    net.serve(12, record(sequence=2), delay=0.5)
+    result = await run(net, 1, max_rounds=2)
+    assert (result.outcome, result.rounds) == ("found", 2)
+    # ... while in an earlier round the referral ends the round as before.
+    net = FakeOverlay()
+    net.refer(1, 11, 12, level="slot")
+    net.refer(11, 21, level="slot", delay=0.01)
+    net.serve(12, record(sequence=2), delay=0.5)
+    net.serve(21, record(sequence=2))
+    result = await run(net, 1, max_rounds=3)
+    assert (result.outcome, result.rounds, path(result)) == ("found", 3, [[1], [11, 12], [21]])
+
+
+@pytest_twisted.ensureDeferred
 async def test_failed_when_nobody_definitive_answered() -> None:
     net = FakeOverlay()
     net.refer(1, 11, 12, level="slot")

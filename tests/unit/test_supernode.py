@@ -17,8 +17,9 @@ from twisted.test import iosim
 from overlay.certificate import Role, issue
 from overlay.connection import ClientConnection
 from overlay.datagram import DatagramEndpoint
+from overlay.errors import ProtocolError
 from overlay.identity import IdentityKey
-from overlay.keyspace import Prefix, user_key
+from overlay.keyspace import KEY_SPACE, Prefix, user_key
 from overlay.login_protocol import proof_message, supernode_name
 from overlay.messages import Error, Message, Ping, Pong
 from overlay.overlay_protocol import (
@@ -30,8 +31,10 @@ from overlay.overlay_protocol import (
     Incoming,
     Publish,
     Published,
+    Pull,
     ReachCheck,
     ReachOk,
+    Records,
     Search,
     SearchFound,
     SearchNone,
@@ -533,6 +536,61 @@ def test_a_copy_of_a_range_left_long_ago_is_not_taken_for_the_range() -> None:
     # lacks the late record: it must not pass for the range b's members hold in full.
     assert all(sn.synced for sn in overlay.sns.values())
     assert all(late.record.username in overlay.sns[info.node_id].index for info in a)
+
+
+def test_while_pulling_the_rest_a_replica_says_none_only_for_the_part_it_holds_whole() -> None:
+    overlay = Overlay(20, seed=33)  # slots 0* (a) and 1* (b)
+    a, b = (list(overlay.map.members(i)) for i in range(2))
+    merged = crafted(overlay.map.version + 1, {Prefix.root(): a + b})
+    sn = overlay.sns[a[0].node_id]
+    for info in a[1:] + b:  # its pulls of 1* get lost for now
+        overlay.net.link_loss[a[0].host, info.host] = 1.0
+    overlay.apply(merged)
+    pump(overlay.clock, 0.2)
+    assert not sn.synced and sn.held == Prefix(0, 1)
+    held_name = next(n for i in range(200) if user_key(n := f"nobody{i}") >> 63 == 0)
+    other_name = next(n for i in range(200) if user_key(n := f"nobody{i}") >> 63 == 1)
+    none = overlay.search(sn, held_name)
+    assert isinstance(none, SearchNone)
+    # A slot of 20 (for a while): ten of the others are named, so the reply fits.
+    assert len(none.replicas) == 10
+    assert {r.node_id for r in none.replicas} < {i.node_id for i in a + b} - {sn.node_id}
+    not_ready = overlay.search(sn, other_name)
+    assert isinstance(not_ready, SearchReferral) and not_ready.level == "not-ready"
+    overlay.net.link_loss.clear()
+    pump(overlay.clock, 5.0)
+    assert sn.synced
+    assert isinstance(overlay.search(sn, other_name), SearchNone)
+
+
+def test_a_large_range_is_pulled_whole_several_requests_at_a_time() -> None:
+    overlay = Overlay(25, seed=34)
+    joiner, new_map, records = _late_joiner(overlay, 30)
+    overlay.apply(new_map)
+    pump(overlay.clock, 0.1)  # 30 records, one per reply: done in a few round trips
+    assert joiner.synced
+    assert sorted(joiner.index.export(0, KEY_SPACE)) == sorted(bytes(r) for r in records)
+
+
+def test_a_peer_whose_pull_replies_do_not_move_on_is_not_followed() -> None:
+    overlay = Overlay(20, seed=35)
+    sn = overlay.members(0)[0]
+    assert sn.view is not None
+    looping = DatagramEndpoint(overlay.clock)
+    blob = bytes(record_of(overlay.name_in_slot(0)))
+
+    async def handler(message: Message, address: Any) -> Message:
+        assert isinstance(message, Pull)
+        return Records(message.rid, (blob,), message.cursor)  # "more at the same place"
+
+    looping.handler = handler
+    overlay.net.attach(looping, ("10.9.0.2", 7001))
+    peer = SupernodeInfo(bytes(32), "10.9.0.2", 7000, 7001)
+    got = results(Deferred.fromCoroutine(sn.sync.pull_from(sn.view, peer, sn.view.prefix)))
+    pump(overlay.clock, 0.5)
+    [failure] = got
+    assert failure.check(ProtocolError)
+    assert str(failure.value) == "The pull reply's cursor does not move on."
 
 
 # -- the small UDP requests --------------------------------------------------------------------
