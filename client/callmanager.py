@@ -258,8 +258,10 @@ class CallManager:
         elif message.kind == "accept":
             if call.peer_public is None:
                 call.peer_public = message.ephemeral
-                call.remote_candidates = message.candidates
+                call.take_offer(message)
             machine.accepted(message)
+        elif message.kind == "relay":
+            call.relay_signal(message)
         elif message.kind in ("decline", "busy"):
             machine.refused(message.kind, message.reason or "")
         elif message.kind == "cancel":
@@ -270,7 +272,7 @@ class CallManager:
     def _incoming(self, sender: str, invite: CallSignal) -> None:
         call = self._new_call("callee", sender, invite.call_id)
         call.peer_public = invite.ephemeral
-        call.remote_candidates = invite.candidates
+        call.take_offer(invite)
 
         async def ring() -> None:
             try:

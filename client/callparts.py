@@ -2,6 +2,7 @@
 
     STUN client      overlay.stun_client.StunClient        reflexive address from our supernode
     checks           client.connectivity                     candidate pairs, hole punching
+    relays           client.turnclient.TurnClient            TURN over the call socket or TCP
     media            client.media.engine.MediaSession        Opus over sealed RTP
     audio            client.media.wavfile / audiodevice      WAV files or the default devices
 
@@ -11,11 +12,17 @@ they see us (STUN) and reports UDP, reflexive address, NAT mapping behaviour and
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import time
+from collections.abc import Awaitable, Callable, Sequence
 from typing import Any
+
+from twisted.internet.defer import Deferred
+from twisted.internet.endpoints import TCP4ClientEndpoint, TCP6ClientEndpoint
+from twisted.internet.protocol import Factory, Protocol
 
 from client.calls import AudioOptions, Environment
 from client.callsocket import Address, CallSocket
+from overlay.overlay_protocol import RelayOffer
 
 
 def call_environment(
@@ -23,9 +30,22 @@ def call_environment(
     interface: str,
     stun_server: Callable[[], Address | None],
     trace: Callable[[bytes, str, str, str], None] | None = None,
+    *,
+    relay_offers: Callable[[], Awaitable[Sequence[RelayOffer]]] | None = None,
+    nat_kind: Callable[[], str | None] | None = None,
+    relay_only: bool = False,
 ) -> Environment:
     def listen_udp(protocol: CallSocket) -> Any:
         return reactor.listenUDP(0, protocol, interface=interface)
+
+    def tcp_probe(address: Address, timeout: float) -> Deferred[float]:
+        return _tcp_connect_time(reactor, interface, address, timeout)
+
+    extra: dict[str, Any] = {}
+    if relay_offers is not None:
+        extra["relay_offers"] = relay_offers
+    if nat_kind is not None:
+        extra["nat_kind"] = nat_kind
 
     return Environment(
         reactor=reactor,
@@ -36,7 +56,46 @@ def call_environment(
         media=_media,
         open_audio=open_audio,
         trace=trace,
+        turn_udp=_turn_udp,
+        turn_tcp=_turn_tcp,
+        tcp_probe=tcp_probe,
+        relay_only=relay_only,
+        **extra,
     )
+
+
+def _turn_udp(
+    reactor: Any,
+    server: Address,
+    credential: tuple[str, str],
+    send: Callable[[bytes, Address], None],
+) -> Any:
+    from client.turnclient import TurnClient
+
+    return TurnClient(reactor, server, credential, send=send)
+
+
+async def _turn_tcp(reactor: Any, server: Address, credential: tuple[str, str]) -> Any:
+    from client.turnclient import TurnClient
+
+    return await TurnClient.connect_tcp(reactor, server, credential)
+
+
+def _tcp_connect_time(
+    reactor: Any, interface: str, address: Address, timeout: float
+) -> Deferred[float]:
+    """Seconds a TCP connect to ``address`` takes (the connection is closed at once)."""
+    kind = TCP6ClientEndpoint if ":" in address[0] else TCP4ClientEndpoint
+    bind = (interface, 0) if interface else None
+    endpoint = kind(reactor, address[0], address[1], timeout=timeout, bindAddress=bind)
+    start = time.monotonic()
+
+    def connected(protocol: Any) -> float:
+        if protocol.transport is not None:
+            protocol.transport.loseConnection()
+        return time.monotonic() - start
+
+    return endpoint.connect(Factory.forProtocol(Protocol)).addCallback(connected)
 
 
 def _stun_client(reactor: Any, send: Callable[[bytes, Address], None]) -> Any:

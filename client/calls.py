@@ -6,8 +6,11 @@ call does the work the machine asks for:
     place: search the callee -> open a call socket -> learn our reflexive address (STUN on our
            supernode) -> INVITE (fresh call key, candidates) over the overlay -> machine "calling"
     incoming INVITE: verify (envelope) -> BUSY if in a call -> socket + STUN -> RINGING
-    answer / accepted: derive the keys -> connectivity checks on every candidate pair at once
-    connected: media (Opus over sealed RTP) on the pair that worked -> "active"
+    INVITE and ACCEPT also carry each side's NAT kind and the relays its supernode offered
+    answer / accepted: derive the keys -> direct checks and relay set-up at once
+           (``client.mediapath``, ``client.relaypath``)
+    connected: media (Opus over sealed RTP) on the path chosen -> "active"; the path may change
+           mid-call (a direct path opening, a relay dying)
     the end: BYE (or CANCEL / DECLINE) -> stop media, close the socket, forget the call key,
              report the summary to whoever placed or answered the call
 
@@ -17,19 +20,22 @@ exposes what the daemon's commands need: ``place``, ``answer``, ``hangup``, ``st
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import asdict, dataclass, is_dataclass
 from typing import Any
 
-from twisted.internet.defer import CancelledError, Deferred
+from twisted.internet.defer import Deferred
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from client.callkeys import CallKeys, EphemeralKey
 from client.callmachine import CallCore, CallInputs, new_call_machine
 from client.callsocket import Address, CallSocket, route_source
-from client.signalling import CandidateInfo, signal
+from client.mediapath import WATCH_EVERY, MediaPaths
+from client.relaypath import Probe, probe
+from client.signalling import CallSignal, CandidateInfo, signal
 from overlay.errors import VoipError
+from overlay.overlay_protocol import RelayOffer
 
 #: No media from the peer for this long ends an active call.
 MEDIA_TIMEOUT = 10.0
@@ -82,6 +88,10 @@ class AudioOptions:
     duration: float | None = None
 
 
+async def _no_offers() -> Sequence[RelayOffer]:
+    return ()
+
+
 @dataclass
 class Environment:
     """The collaborators a call needs, injected (tests give fakes, voipd the real parts)."""
@@ -96,6 +106,18 @@ class Environment:
     media: Callable[..., Any]
     open_audio: Callable[[AudioOptions], tuple[Any, Any]]
     trace: Callable[[bytes, str, str, str], None] | None = None
+    #: The relays our supernode (and our configuration) offer, with credentials for us.
+    relay_offers: Callable[[], Awaitable[Sequence[RelayOffer]]] = _no_offers
+    #: Our NAT kind as ``voipctl netcheck`` found it ("cone-nat", "symmetric-nat", ...).
+    nat_kind: Callable[[], str | None] = lambda: None
+    #: ``(reactor, server, (username, password), send)`` -> a TURN client on the call socket.
+    turn_udp: Callable[..., Any] | None = None
+    #: ``(reactor, server, (username, password))`` -> (awaitable) a TURN client over TCP.
+    turn_tcp: Callable[..., Awaitable[Any]] | None = None
+    #: ``(address, timeout)`` -> seconds a TCP connect took (a relay probe when UDP fails).
+    tcp_probe: Callable[[Address, float], Deferred[float]] | None = None
+    #: Never a direct path (``--relay-only``): our addresses are not even sent to the peer.
+    relay_only: bool = False
 
 
 class Call:
@@ -119,6 +141,13 @@ class Call:
         self.own_public = self.ephemeral.public
         self.peer_public: bytes | None = None
         self.remote_candidates: tuple[CandidateInfo, ...] = ()
+        self.nat_kind: str | None = None
+        self.peer_nat: str | None = None
+        self.my_offers: tuple[RelayOffer, ...] = ()
+        self.peer_offers: tuple[RelayOffer, ...] = ()
+        self.peer_rtts: tuple[int, ...] = ()
+        self.probes: dict[str, Probe] = {}
+        self.paths: MediaPaths | None = None
         self.local_candidates: list[CandidateInfo] = []
         self.socket = CallSocket()
         self.stun: Any = None
@@ -171,19 +200,69 @@ class Call:
         server = env.stun_server()
         host = route_source(server) if server is not None else None
         self.local_candidates = [CandidateInfo("host", host or "127.0.0.1", port, HOST_PRIORITY)]
-        if server is None:
-            return
-        self.stun = env.stun_client(env.reactor, self.socket.send)
-        self.socket.handlers.append(self.stun.datagram_received)
+        if env.relay_only:
+            self.local_candidates = []
+        self.nat_kind = env.nat_kind()
+        udp_works = self.nat_kind != "udp-blocked"
+        if server is not None and udp_works:
+            try:
+                reflexive = await self._stun().binding(server)
+            except VoipError as exc:
+                log.info("no reflexive address for the call: {error}", error=exc)
+            else:
+                if (reflexive[0], reflexive[1]) != (
+                    host or "127.0.0.1",
+                    port,
+                ) and not env.relay_only:
+                    self.local_candidates.append(
+                        CandidateInfo("srflx", reflexive[0], reflexive[1], SRFLX_PRIORITY)
+                    )
         try:
-            reflexive = await self.stun.binding(server)
+            self.my_offers = tuple(await env.relay_offers())[:2]
         except VoipError as exc:
-            log.info("no reflexive address for the call: {error}", error=exc)
-            return
-        if (reflexive[0], reflexive[1]) != (self.local_candidates[0].host, port):
-            self.local_candidates.append(
-                CandidateInfo("srflx", reflexive[0], reflexive[1], SRFLX_PRIORITY)
+            log.info("no relay offered: {error}", error=exc)
+        for offer in self.all_offers():
+            await self.probe_relay(offer)
+
+    def _stun(self) -> Any:
+        if self.stun is None:
+            self.stun = self.env.stun_client(self.env.reactor, self.socket.send)
+            self.socket.handlers.append(self.stun.datagram_received)
+        return self.stun
+
+    def all_offers(self) -> list[RelayOffer]:
+        """Every relay offered for this call: the caller's, then the callee's."""
+        if self.side == "caller":
+            return [*self.my_offers, *self.peer_offers]
+        return [*self.peer_offers, *self.my_offers]
+
+    async def probe_relay(self, offer: RelayOffer) -> Probe:
+        known = self.probes.get(offer.label)
+        if known is None:
+            udp = self.nat_kind != "udp-blocked"
+            known = await probe(self.env.reactor, self._stun(), offer, self.env.tcp_probe, udp)
+            self.probes[offer.label] = known
+            log.info(
+                "relay {relay}: {rtt} ms over {transport}",
+                relay=offer.label,
+                rtt=known.rtt_ms,
+                transport=known.transport,
             )
+        return known
+
+    async def turn_client(self, offer: RelayOffer, transport: str) -> Any:
+        """A TURN client for ``offer``: on the call socket (UDP), or its own TCP connection."""
+        env = self.env
+        credential = (offer.username, offer.password)
+        if transport == "tcp":
+            if env.turn_tcp is None:
+                raise VoipError("TURN over TCP is not available")
+            return await env.turn_tcp(env.reactor, offer.tcp_address, credential)
+        if env.turn_udp is None:
+            raise VoipError("TURN is not available")
+        turn = env.turn_udp(env.reactor, offer.udp_address, credential, self.socket.send)
+        self.socket.handlers.insert(0, turn.datagram_received)
+        return turn
 
     def start(self) -> None:
         self.machine = new_call_machine(self.core, self.side)
@@ -193,14 +272,33 @@ class Call:
     def send_signal(self, kind: str, reason: str | None = None) -> None:
         fields: dict[str, Any] = {}
         if kind in ("invite", "accept"):
-            fields = {"ephemeral": self.own_public, "candidates": tuple(self.local_candidates)}
+            fields = {
+                "ephemeral": self.own_public,
+                "candidates": tuple(self.local_candidates),
+                "nat": self.nat_kind,
+                "relays": self.my_offers,
+            }
             if kind == "invite":
                 fields["codec"] = "opus"
+            else:
+                fields["rtts"] = tuple(
+                    self.probes[o.label].rtt_ms if o.label in self.probes else -1
+                    for o in self.all_offers()
+                )
         if reason is not None and kind in ("bye", "cancel", "decline"):
             fields["reason"] = reason
-        body = bytes(signal(kind, self.call_id, **fields))
+        self.send_body(bytes(signal(kind, self.call_id, **fields)), kind)
+
+    def send_body(self, body: bytes, kind: str) -> None:
         sent = self._send(self.peer, body)
         sent.addErrback(self._signal_failed, kind)
+
+    def take_offer(self, message: CallSignal) -> None:
+        """The peer's INVITE or ACCEPT: its candidates, NAT kind and relays."""
+        self.remote_candidates = message.candidates
+        self.peer_nat = message.nat
+        self.peer_offers = message.relays[:2]
+        self.peer_rtts = message.rtts
 
     def _signal_failed(self, failure: Failure, kind: str) -> None:
         if not isinstance(failure.value, VoipError):
@@ -230,62 +328,59 @@ class Call:
             i_am_caller=caller,
         )
         self.say("Connecting...")
-        self.checker = self.env.checker(
-            self.env.reactor,
-            self.socket.send,
-            self.keys.check,
-            self.call_id[:8],
-            caller,
-            self.local_candidates,
-            list(self.remote_candidates),
-            self.peer,
-        )
-        self.socket.handlers.append(self.checker.datagram_received)
-        started: Deferred[Any] = self.checker.start()
-        started.addCallbacks(self._connected, self._no_path)
+        self.paths = MediaPaths(self)
+        self.checker = self.paths
+        self.paths.start()
 
-    def _connected(self, pair: Any) -> None:
+    def path_ready(self, pair: Any) -> None:
+        """The first path that works (``client.mediapath``)."""
         if self.machine is not None:
             self.machine.connected(pair)
 
-    def _no_path(self, failure: Failure) -> None:
-        if self.machine is None or isinstance(failure.value, CancelledError):
-            return  # stopped because the call ended
-        if isinstance(failure.value, VoipError):
-            self.machine.failed(failure.getErrorMessage())
-        else:
-            log.failure("connectivity checks failed", failure)
-            self.machine.failed(f"No media path to {self.peer} could be opened.")
+    def no_path(self, reason: str) -> None:
+        if self.machine is not None and self.outcome is None:
+            self.machine.failed(reason)
+
+    def relay_signal(self, message: CallSignal) -> None:
+        if self.paths is not None:
+            self.paths.relay_signal(message)
 
     def start_media(self, pair: Any) -> None:
-        assert self.keys is not None and self.audio is not None
-        remote = (pair.remote[0], pair.remote[1])
-        remote_kind = getattr(getattr(pair, "remote_candidate", None), "kind", "prflx")
-        direct_host = pair.local.kind == "host" and remote_kind == "host"
-        kind = "direct host" if direct_host else "direct reflexive"
-        self.path = {
-            "kind": kind,
-            "local": f"{pair.local.host}:{pair.local.port}",
-            "remote": f"{remote[0]}:{remote[1]}",
-            "rtt_ms": round(pair.rtt * 1000, 1) if getattr(pair, "rtt", None) else None,
-        }
+        assert self.keys is not None and self.audio is not None and self.paths is not None
+        paths = self.paths
+        self.path = paths.describe()
+        kind = self.path["kind"]
         source, sink = self.audio
-        self.media = self.env.media(
-            self.env.reactor, lambda data: self.socket.send(data, remote), self.keys, source, sink
-        )
+        self.media = self.env.media(self.env.reactor, paths.send, self.keys, source, sink)
         self.socket.handlers.append(self._media_datagram)
         self.media.start()
         self.answered_at = self.env.reactor.seconds()
         self.say(f"Connected to {self.peer} ({kind}, {self.path['remote']}).")
         self._watch()
+        self._watch_path()
         if self.options.duration is not None:
             self._timers.append(self.env.reactor.callLater(self.options.duration, self._time_up))
 
     def _media_datagram(self, data: bytes, address: Address) -> bool:
         if self.media is None or not data or not 0x80 <= data[0] <= 0xBF:
             return False
-        self.media.datagram_received(data)
+        if self.paths is not None:
+            self.paths.direct_media(data, address)
         return True
+
+    def _later(self, delay: float, work: Callable[[], None]) -> None:
+        self._timers = [t for t in self._timers if t.active()]
+        self._timers.append(self.env.reactor.callLater(delay, work))
+
+    def media_in(self, data: bytes) -> None:
+        if self.media is not None and self.outcome is None:
+            self.media.datagram_received(data)
+
+    def _watch_path(self) -> None:
+        if self.media is None or self.outcome is not None or self.paths is None:
+            return
+        self.paths.watch()
+        self._later(WATCH_EVERY, self._watch_path)
 
     def _time_up(self) -> None:
         if self.machine is not None:
@@ -302,7 +397,7 @@ class Call:
                 f"Lost the connection to {self.peer} (no audio for {MEDIA_TIMEOUT:.0f} s)."
             )
             return
-        self._timers.append(self.env.reactor.callLater(MEDIA_WATCH, self._watch))
+        self._later(MEDIA_WATCH, self._watch)
 
     def finish(self, outcome: str, reason: str) -> None:
         self.outcome, self.reason = outcome, reason
@@ -337,7 +432,7 @@ class Call:
             "outcome": self.outcome,
             "reason": self.reason or None,
             "duration": round(now - self.answered_at, 2) if self.answered_at else 0.0,
-            "path": self.path,
+            "path": self.paths.describe() if self.paths and self.paths.route else self.path,
             "media": _plain(stats),
         }
         return document

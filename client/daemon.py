@@ -7,6 +7,7 @@ socket and the account (login, certificate renewal); the overlay and calls plug 
 from __future__ import annotations
 
 import argparse
+import ipaddress
 import os
 import socket
 import stat
@@ -28,12 +29,14 @@ from client.account import Account, NotLoggedIn, Progress
 from client.callmanager import CallManager
 from client.callparts import call_environment, netcheck
 from client.calls import AudioOptions
+from client.callsocket import route_source
 from client.candidates import parse_address as parse_candidate_address
 from client.control import ControlFactory, Handler
 from client.loginclient import LoginClient, parse_address
 from client.overlaynode import OverlayNode, Searcher
 from client.paths import MAX_SOCKET_PATH, default_socket_path, default_state_dir
 from client.promotion import PromotionPolicy, SupernodeRole
+from client.relayconfig import RelayConfigError, StaticRelay, static_relay
 from client.state import StateDir, StateError
 from overlay.certificate import SignedCertificate
 from overlay.datagram import DatagramEndpoint
@@ -41,9 +44,12 @@ from overlay.errors import VoipError
 from overlay.hostcache import HostCache
 from overlay.identity import DEFAULT_COST, IdentityKey, KdfCost, read_trust_anchor
 from overlay.listening import ListeningService
+from overlay.overlay_protocol import RelayOffer
+from overlay.relayoffers import RelayEndpoint
 from overlay.supernode import Supernode
 from overlay.terminal import run_command
 from overlay.usernames import canonical_username
+from relay.config import IPNetwork
 
 PROGRAM = "voipd"
 #: Logged in with no supernode known: ask the login server again after this, doubling to the max.
@@ -72,6 +78,16 @@ class DaemonConfig:
     policy: PromotionPolicy = PromotionPolicy()  # noqa: RUF009 - frozen, shared safely
     #: Machines whose transitions are logged (``--debug-state call``).
     debug_state: frozenset[str] = frozenset()
+    #: Relays of our own to offer to calls (``--relay``), beside our supernode's.
+    relays: tuple[StaticRelay, ...] = ()
+    #: Run a TURN relay while a supernode (``--no-relay`` turns it off), on this port (0: any).
+    relay: bool = True
+    relay_port: int = 0
+    relay_max_allocations: int = 200
+    #: Calls never go direct (``--relay-only``): the peer never learns our addresses.
+    relay_only: bool = False
+    #: Peers the relay may send to (``--relay-allow-peers``); always every public address.
+    relay_allow_peers: tuple[IPNetwork, ...] = ()
 
 
 log = Logger()
@@ -105,6 +121,9 @@ class Daemon(MultiService):
                 config.interface,
                 self._stun_server,
                 trace=self._trace_call if "call" in config.debug_state else None,
+                relay_offers=self._relay_offers,
+                nat_kind=lambda: self.nat_kind,
+                relay_only=config.relay_only,
             ),
             config.ca_key,
             self._credentials,
@@ -114,10 +133,13 @@ class Daemon(MultiService):
         self.node.on_message.append(self.calls.received)
         self._starved_timer: Any = None
         self._nat_checking = False
+        #: Our NAT kind as the last NAT check found it (None: not checked yet).
+        self.nat_kind: str | None = None
         self._nat_checked_at: float | None = None
         self._starved_every = STARVED_FIRST
         self.account.on_change.append(self._account_changed)
         self.supernode: Supernode | None = None
+        self.relay: Any = None
         self.role: SupernodeRole | None = None
         if config.allow_supernode:
             self._make_supernode()
@@ -148,11 +170,20 @@ class Daemon(MultiService):
             )
             udp = reactor.listenUDP(config.udp_port, supernode.udp, interface=config.interface)
             ports[:] = [tcp, udp]
+            if config.relay:
+                try:
+                    self._start_relay(supernode)
+                except (CannotListenError, OSError) as exc:
+                    log.warn("supernode without a relay: cannot listen: {error}", error=exc)
             return tcp.getHost().port, udp.getHost().port
 
         def unlisten() -> Deferred[None]:
             closing = [defer.maybeDeferred(p.stopListening) for p in ports]
             ports.clear()
+            supernode.relay = None
+            if self.relay is not None:
+                relay, self.relay = self.relay, None
+                closing.append(relay.stop())
             return defer.gatherResults(closing).addCallback(lambda _: None)
 
         searcher.serve_lookups_for(supernode)
@@ -167,6 +198,33 @@ class Daemon(MultiService):
             unlisten=unlisten,
             policy=config.policy,
         )
+
+    def _start_relay(self, supernode: Supernode) -> None:
+        """The TURN relay beside our supernode (``relay.service``), with a fresh secret."""
+        from relay.config import RelayConfig
+        from relay.service import Relay
+
+        config = self.config
+        login_host = parse_address(config.login_server)[0]
+        relay_ip = config.interface or route_source((login_host, 9)) or "127.0.0.1"
+        relay_config = RelayConfig(
+            secret=os.urandom(32),
+            listen_host=config.interface or relay_ip,
+            udp_port=config.relay_port,
+            tcp_port=config.relay_port,
+            relay_ip=relay_ip,
+            allow_peers=config.relay_allow_peers,
+            allow_public_peers=True,
+            max_allocations=config.relay_max_allocations,
+        )
+        relay = Relay(self.reactor, relay_config)
+        relay.start()
+        self.relay = relay
+        host, udp_port = relay.udp_address
+        supernode.relay = RelayEndpoint(
+            host, udp_port, relay.tcp_address[1], relay_config.secret, relay.spare
+        )
+        log.info("relay serving on {host}:{port} (UDP and TCP)", host=host, port=udp_port)
 
     def _account_changed(self) -> None:
         account = self.account
@@ -211,6 +269,8 @@ class Daemon(MultiService):
             self._nat_checked_at = self.reactor.seconds()
         reflexive = parse_candidate_address(report["reflexive"]) if report["reflexive"] else None
         kind = str(report["kind"]).lower().replace(" ", "-").replace("(", "").replace(")", "")
+        self.nat_kind = kind[:32]
+        self.node.udp_blocked = self.nat_kind == "udp-blocked"
         self.node.set_nat(reflexive, kind[:32])
 
     def _nat_failed(self, failure: Failure) -> None:
@@ -224,6 +284,18 @@ class Daemon(MultiService):
         if account.identity is None or account.certificate is None:
             return None
         return account.identity, account.certificate
+
+    async def _relay_offers(self) -> list[RelayOffer]:
+        """Relays for a call: our own (``--relay``) first, then our supernode's."""
+        user = self.account.username or "anonymous"
+        now = self.reactor.seconds()
+        offers = [relay.offer(user, now) for relay in self.config.relays]
+        if self.node.link is not None:
+            try:
+                offers += await self.node.relay_offers()
+            except VoipError as exc:
+                log.info("our supernode offered no relay: {error}", error=exc)
+        return offers
 
     def _stun_server(self) -> tuple[str, int] | None:
         link = self.node.link
@@ -299,9 +371,16 @@ class Daemon(MultiService):
             },
             "account": self.account.status(),
             "overlay": self.node.status(),
-            "supernode": self.role.status() if self.role is not None else {"allowed": False},
+            "supernode": self._supernode_status(),
             "call": self.calls.status(),
         }
+
+    def _supernode_status(self) -> dict[str, Any]:
+        if self.role is None:
+            return {"allowed": False}
+        document = self.role.status()
+        document["relay"] = self.relay.describe() if self.relay is not None else None
+        return document
 
     async def cmd_search(self, args: dict[str, Any], progress: Progress) -> dict[str, Any]:
         name = canonical_username(_text(args, "username"))
@@ -455,6 +534,44 @@ def build_parser() -> argparse.ArgumentParser:
         help="the upstream bandwidth you offer, kbit/s (10000; at least 1000 to volunteer)",
     )
     sn.add_argument("--heartbeat", type=float, default=20.0, help="seconds between heartbeats (20)")
+    sn.add_argument(
+        "--no-relay", action="store_true", help="as a supernode, do not relay others' calls"
+    )
+    sn.add_argument(
+        "--relay-port", type=int, default=0, help="the relay's UDP and TCP port (default: any)"
+    )
+    sn.add_argument(
+        "--relay-allow-peers",
+        action="append",
+        type=_network,
+        default=[],
+        metavar="CIDR",
+        help="also relay to these networks (every public address always); for labs and tests",
+    )
+    sn.add_argument(
+        "--relay-max-allocations",
+        type=int,
+        default=200,
+        help="calls the relay carries at most, two allocations each (200)",
+    )
+    calls = parser.add_argument_group("calls")
+    calls.add_argument(
+        "--relay",
+        metavar="turn:HOST:PORT",
+        help="a TURN relay of your own to offer to calls, beside the supernodes' relays",
+    )
+    calls.add_argument(
+        "--relay-only",
+        action="store_true",
+        help="never call directly: always through a relay, so peers never learn your address",
+    )
+    calls.add_argument("--relay-user", help="the username for --relay")
+    calls.add_argument("--relay-password", help="the password for --relay")
+    calls.add_argument(
+        "--relay-secret-file",
+        type=Path,
+        help="the relay's shared secret (coturn use-auth-secret): credentials are minted from it",
+    )
     parser.add_argument(
         "--debug-state",
         action="append",
@@ -535,8 +652,34 @@ def config_from_args(args: argparse.Namespace) -> tuple[DaemonConfig, StateDir]:
         udp_port=args.udp_port,
         policy=policy,
         debug_state=frozenset(args.debug_state),
+        relays=_static_relays(args),
+        relay=not args.no_relay,
+        relay_port=args.relay_port,
+        relay_max_allocations=args.relay_max_allocations,
+        relay_allow_peers=tuple(args.relay_allow_peers),
+        relay_only=args.relay_only,
     )
     return config, state
+
+
+def _network(text: str) -> IPNetwork:
+    try:
+        return ipaddress.ip_network(text, strict=False)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a network like 203.0.113.0/24") from None
+
+
+def _static_relays(args: argparse.Namespace) -> tuple[StaticRelay, ...]:
+    if args.relay is None:
+        if args.relay_user or args.relay_password or args.relay_secret_file:
+            raise StateError("--relay-user, --relay-password and --relay-secret-file need --relay.")
+        return ()
+    try:
+        return (
+            static_relay(args.relay, args.relay_user, args.relay_password, args.relay_secret_file),
+        )
+    except RelayConfigError as exc:
+        raise StateError(str(exc)) from None
 
 
 def run(args: argparse.Namespace) -> int:

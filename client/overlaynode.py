@@ -12,6 +12,12 @@
 - A supernode that leaves sends ``migrate``: the node attaches elsewhere and publishes its new
   record first, then lets go (so messages for it never find it unreachable).
 - Searching is iterative (``overlay.search``) over UDP, starting at the attached supernode.
+  A node whose UDP is blocked (``udp_blocked``, set from the daemon's NAT check) asks its
+  supernode over the TCP link instead (``find``): the supernode runs the search on its behalf
+  and returns the signed record, which the node verifies exactly as a UDP search does
+  (``Searcher.verify_record``: certificate chain to the CA, the user's signature, freshness),
+  so the supernode can refuse or fail the search, never forge it.  A UDP search that no
+  supernode answered at all falls back to ``find`` in the same way.
 
 Time and randomness are injected; nothing here sleeps.
 """
@@ -46,10 +52,15 @@ from overlay.overlay_protocol import (
     Ack,
     Attach,
     Attached,
+    Find,
+    FindResult,
     Incoming,
     Migrate,
     Publish,
     Published,
+    RelayOffer,
+    RelayRequest,
+    Relays,
     Search,
     SearchFound,
     SearchNone,
@@ -74,6 +85,9 @@ from overlay.supernode import Supernode
 RECORD_LIFETIME = 15 * 60
 OFFLINE_LIFETIME = 72 * 3600
 PUBLISH_RETRY = 2.0
+#: How long a ``find`` may take: the supernode's search runs up to 3 rounds of 2 s asks, each
+#: round trying fallbacks when its first asks fail.
+FIND_TIMEOUT = 20.0
 
 
 #: Delivered envelopes kept for inspection.
@@ -130,6 +144,11 @@ class Searcher:
 
         return request.addCallback(convert)
 
+    def verify_record(self, username: str, blob: bytes) -> PresenceRecord:
+        """Check a signed presence record of ``username`` whoever handed it over: the
+        certificate chain to our CA, the user's signature, the times; ``ProtocolError`` else."""
+        return SignedPresence.parse(blob).verify(self.ca_public_key, self.clock.seconds(), username)
+
     def classify(self, record: PresenceRecord) -> str:
         now = self.clock.seconds()
         if record.status is Status.OFFLINE or not is_current(record, now):
@@ -147,9 +166,7 @@ class Searcher:
         once more from ``spares`` (other supernodes, whose referrals differ)."""
 
         def verify(blob: bytes) -> PresenceRecord:
-            return SignedPresence.parse(blob).verify(
-                self.ca_public_key, self.clock.seconds(), username
-            )
+            return self.verify_record(username, blob)
 
         result = await iterative_search(
             self.clock, username, start, self.ask, verify, self.classify, timeout=self.timeout
@@ -181,14 +198,39 @@ class Searcher:
         a = record.supernode
         return SupernodeInfo(a.node_id, a.host, a.tcp_port, a.udp_port)
 
+    async def search_signed(
+        self, username: str, start: list[SupernodeInfo]
+    ) -> tuple[SearchResult, bytes | None]:
+        """A search from ``start`` that also returns the chosen record's signed bytes (None
+        without a record): a supernode searching for a node hands those on unaltered."""
+        signed: dict[PresenceRecord, bytes] = {}
+
+        def verify(blob: bytes) -> PresenceRecord:
+            record = self.verify_record(username, blob)
+            signed.setdefault(record, blob)
+            return record
+
+        result = await iterative_search(
+            self.clock, username, start, self.ask, verify, self.classify, timeout=self.timeout
+        )
+        record = result.record
+        return result, (signed.get(record) if record is not None else None)
+
     def serve_lookups_for(self, supernode: Supernode) -> None:
-        """Let ``supernode`` find where users are attached (to forward messages to them)."""
+        """Let ``supernode`` find where users are attached (to forward messages to them), and
+        search for attached nodes that cannot search themselves (``find``)."""
 
         def locate(username: str) -> Deferred[SupernodeInfo | None]:
             assert supernode.info is not None
             return Deferred.fromCoroutine(self.attachment_of(username, [supernode.info]))
 
+        def search_for_node(username: str) -> Deferred[tuple[SearchResult, bytes | None]]:
+            if supernode.info is None:
+                raise VoipError("This supernode cannot search: it is not admitted.")
+            return Deferred.fromCoroutine(self.search_signed(username, [supernode.info]))
+
         supernode.locate_user = locate
+        supernode.search_for_node = search_for_node
 
 
 class SupernodeLink(ClientConnection):
@@ -228,6 +270,8 @@ class SupernodeLink(ClientConnection):
 
 class OverlayNode:
     log = Logger()
+    #: UDP is blocked on our network (the daemon's NAT check): search through our supernode.
+    udp_blocked: bool = False
 
     def __init__(
         self,
@@ -402,10 +446,14 @@ class OverlayNode:
             if not candidates:
                 self.last_error = "No supernode known yet."
                 return False
-            sn = await self._fastest(candidates)
+            sn = None if self.udp_blocked else await self._fastest(candidates)
             if sn is None:
-                self.last_error = "No supernode answered."
-                return False
+                # No UDP answer at all: UDP may be blocked here (only TCP gets out), so try
+                # the best-ranked one over TCP anyway, as the UDP-blocked node we may be.
+                sn = candidates[0]
+                self.log.info(
+                    "no supernode answered over UDP; attaching to {host} over TCP", host=sn.host
+                )
             try:
                 await self._connect(sn)
             except Exception as exc:  # noqa: BLE001 - network failures of many kinds
@@ -463,9 +511,11 @@ class OverlayNode:
             if old is not None:
                 old.close()
 
-    async def _request(self, link: SupernodeLink, build: Callable[[int], Message]) -> Message:
+    async def _request(
+        self, link: SupernodeLink, build: Callable[[int], Message], limit: float | None = None
+    ) -> Message:
         waiting = link.request(build)
-        limit = self.silence_timeout * 2
+        limit = limit if limit is not None else self.silence_timeout * 2
         waiting.addTimeout(limit, self.reactor)
         try:
             reply = await waiting
@@ -571,11 +621,60 @@ class OverlayNode:
     # -- search and messages --------------------------------------------------------------------
 
     async def search(self, username: str) -> SearchResult:
+        """Search over UDP, or through our supernode when UDP is blocked or no supernode
+        answered over UDP at all.  An error the supernode answers a ``find`` with (too many
+        searches, say) or its silence is raised."""
+        link = self.link
+        if self.udp_blocked:
+            if link is None:
+                raise NoSupernode()
+            return await self._find(link, username)
         ranked = self.hostcache.ranked()
-        start = [self.link.info] if self.link is not None else ranked[:4]
+        start = [link.info] if link is not None else ranked[:4]
         if not start:
             raise NoSupernode()
-        return await self.searcher.search(username, start, ranked)
+        result = await self.searcher.search(username, start, ranked)
+        link = self.link
+        if link is None or not _nobody_answered(result):
+            return result
+        self.log.info("no supernode answered over UDP; searching through the supernode")
+        found = await self._find(link, username)
+        found.asked += result.asked
+        found.elapsed += result.elapsed
+        found.timeouts += result.timeouts
+        found.errors += result.errors
+        found.path = result.path + found.path
+        return found
+
+    async def _find(self, link: SupernodeLink, username: str) -> SearchResult:
+        """Have our supernode search (``find``), and verify the record it returns ourselves:
+        a record that does not verify counts as bad, and the search as failed."""
+        began = self.clock.seconds()
+        reply = await self._request(link, lambda rid: Find(rid, username), FIND_TIMEOUT)
+        if not isinstance(reply, FindResult):
+            raise ProtocolError(f"find answered with {reply.NAME}")
+        result = SearchResult(
+            outcome="failed", rounds=reply.rounds, asked=1, path=[[link.info.node_id]]
+        )
+        result.elapsed = self.clock.seconds() - began
+        if reply.outcome in ("not-found", "failed"):
+            result.outcome = "not-found" if reply.outcome == "not-found" else "failed"
+            return result
+        try:
+            if reply.record is None:
+                raise ProtocolError(f"find answered {reply.outcome} without a record.")
+            record = self.searcher.verify_record(username, reply.record)
+        except ProtocolError as exc:
+            result.bad_records += 1
+            self.log.info(
+                "supernode {host} answered find with a bad record: {error}",
+                host=link.info.host,
+                error=exc,
+            )
+            return result
+        result.record = record
+        result.outcome = "found" if self.searcher.classify(record) == "found" else "offline"
+        return result
 
     async def send(self, to: str, envelope: bytes) -> None:
         link = self.link
@@ -584,6 +683,16 @@ class OverlayNode:
         reply = await self._request(link, lambda rid: Send(rid, to, envelope))
         if not isinstance(reply, Sent):
             raise ProtocolError(f"send answered with {reply.NAME}")
+
+    async def relay_offers(self) -> tuple[RelayOffer, ...]:
+        """Our supernode's relay, with a credential for us (empty when it has no room)."""
+        link = self.link
+        if link is None:
+            raise NoSupernode()
+        reply = await self._request(link, RelayRequest)
+        if not isinstance(reply, Relays):
+            raise ProtocolError(f"relay-offer answered with {reply.NAME}")
+        return reply.relays
 
     def received(self, envelope: bytes) -> None:
         self.inbox.append(envelope)
@@ -619,3 +728,13 @@ class OverlayNode:
 
 class _NoEntry:
     rtt = None
+
+
+def _nobody_answered(result: SearchResult) -> bool:
+    """Did a UDP search fail without a single answer (every ask timed out or failed)?"""
+    return (
+        result.outcome == "failed"
+        and result.asked > 0
+        and result.bad_records == 0
+        and result.timeouts + result.errors >= result.asked
+    )

@@ -14,6 +14,16 @@ the wrong state is ignored by the call's state machine.
     busy       callee -> caller      -                           the callee is in another call
     cancel     caller -> callee      reason?                     the caller gave up before answer
     bye        either -> other       reason?                     hang up an answered call
+    relay      either -> other       legs, candidates            the relays chosen (indexes into
+                                                                  invite.relays + accept.relays,
+                                                                  primary first) and the sender's
+                                                                  relayed address on each
+
+INVITE and ACCEPT also carry the sender's NAT kind (``nat``, from ``voipctl netcheck``) and the
+relays its supernode offered (``relays``, each with a time-limited TURN credential); ACCEPT adds
+the callee's round-trip time to every relay of both lists (``rtts``, ms; -1: unreachable).  The
+caller picks the relay with the lowest combined RTT (``client.relaypath``) and says so with a
+``relay`` signal; the callee allocates there too and answers with its own ``relay`` signal.
 
 The caller's INVITE and the callee's ACCEPT carry the only key material: each side's fresh
 X25519 public key, signed (inside the envelope) by its identity key.  Both sides derive the
@@ -30,13 +40,16 @@ import cbor2
 
 from overlay.errors import ProtocolError
 from overlay.messages import MessageError, Record, record
+from overlay.overlay_protocol import RelayOffer
 
 ENVELOPE_KIND = "call"
 CALL_ID_SIZE = 16
 EPHEMERAL_SIZE = 32
 MAX_CANDIDATES = 16
 MAX_REASON = 200
-MAX_SIGNAL = 800
+MAX_SIGNAL = 900
+MAX_RELAYS = 2
+MAX_NAT_TEXT = 32
 CANDIDATE_KINDS = frozenset({"host", "srflx", "prflx", "relay"})
 CODECS = frozenset({"opus"})
 
@@ -65,6 +78,10 @@ class CallSignal(Record):
     candidates: tuple[CandidateInfo, ...] = ()
     codec: str | None = None
     reason: str | None = None
+    nat: str | None = None
+    relays: tuple[RelayOffer, ...] = ()
+    rtts: tuple[int, ...] = ()
+    legs: tuple[int, ...] = ()
 
     def __bytes__(self) -> bytes:
         document = {k: v for k, v in self.to_map().items() if v is not None and v != []}
@@ -102,7 +119,7 @@ class CallSignal(Record):
             raise SignalError(f"The {self.kind} lacks a 32-byte call key.")
         if not needs_key and self.ephemeral is not None:
             raise SignalError(f"A {self.kind} carries no call key.")
-        if needs_candidates and not self.candidates:
+        if needs_candidates and not self.candidates and not self.relays:
             raise SignalError(f"The {self.kind} lists no address.")
         if len(self.candidates) > MAX_CANDIDATES:
             raise SignalError(f"The {self.kind} lists too many addresses.")
@@ -110,6 +127,17 @@ class CallSignal(Record):
             _check_candidate(candidate)
         if self.kind == "invite" and self.codec not in CODECS:
             raise SignalError("The invite offers no codec this node speaks.")
+        if self.nat is not None and (len(self.nat) > MAX_NAT_TEXT or not self.nat.isprintable()):
+            raise SignalError("The NAT kind in a call signal is not short printable text.")
+        if len(self.relays) > MAX_RELAYS or len(self.rtts) > 2 * MAX_RELAYS:
+            raise SignalError(f"The {self.kind} lists too many relays.")
+        if any(not isinstance(r, int) or not -1 <= r <= 60_000 for r in self.rtts):
+            raise SignalError("A relay round-trip time is out of range.")
+        if self.kind == "relay":
+            if not 0 < len(self.legs) <= 2 or len(self.legs) != len(self.candidates):
+                raise SignalError("A relay signal names one or two relays, each with an address.")
+            if any(not 0 <= leg < 2 * MAX_RELAYS for leg in self.legs):
+                raise SignalError("A relay signal names a relay out of range.")
         if self.reason is not None and (
             len(self.reason) > MAX_REASON or not self.reason.isprintable()
         ):
@@ -125,6 +153,7 @@ RULES: dict[str, tuple[bool, bool]] = {
     "busy": (False, False),
     "cancel": (False, False),
     "bye": (False, False),
+    "relay": (False, True),
 }
 
 

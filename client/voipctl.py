@@ -172,6 +172,14 @@ def format_status(result: dict[str, Any], now: float) -> str:
             f"block {role.get('block')}, {role.get('attached')} attached nodes, "
             f"{role.get('records')} records."
         )
+        relay = role.get("relay")
+        if relay:
+            lines.append(
+                f"Relay on {relay.get('udp')} (UDP and TCP): {relay.get('allocations')} "
+                f"allocations, {relay.get('spare')} spare."
+            )
+        elif "relay" in role:
+            lines.append("Relay: off.")
     elif role.get("allowed"):
         why = role.get("refusal") or "checking eligibility"
         lines.append(f"Role: ordinary node (may become a supernode; {why}).")
@@ -292,6 +300,7 @@ def format_call(result: dict[str, Any]) -> str:
             f"Talked {_span(float(result.get('duration') or 0))} over a {path.get('kind')} path "
             f"({path.get('local')} <-> {path.get('remote')})."
         )
+        lines += _path_why(path)
     if media:
         lines.append(_media_line(media))
     return "\n".join(lines)
@@ -309,7 +318,17 @@ def _call_line(current: dict[str, Any]) -> str:
         f"{path.get('kind')} path to {path.get('remote')}."
     )
     media = current.get("media")
-    return text + ("\n" + _media_line(media) if media else "")
+    lines = [text, *_path_why(path)]
+    if media:
+        lines.append(_media_line(media))
+    return "\n".join(lines)
+
+
+def _path_why(path: dict[str, Any]) -> list[str]:
+    """Why this path: the reason it was chosen, and any switch since."""
+    lines = [f"Why: {path['why']}."] if path.get("why") else []
+    lines += [f"Switched: {note}." for note in path.get("switches") or []]
+    return lines
 
 
 def _media_line(media: dict[str, Any]) -> str:

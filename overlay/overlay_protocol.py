@@ -17,6 +17,9 @@ Message table::
     login server -> SN  reach-check {rid, nonce}          -> reach-ok {rid, nonce, signature}
     SN -> SN            forward {rid, to, envelope}       -> forwarded {rid, delivered}
     SN -> SN            locate {rid, key}                 -> search-referral (level slot: final)
+    SN -> SN            relay-mint {rid, user, certificate, sent_at, signature}
+                                                          -> relay-minted {rid, relays}
+                        (a peer's relay credential for one of our users: overlay.relayoffers)
     SN -> SN            digest {rid, start, end}          -> digest-reply {rid, count, fingerprint}
                         (anti-entropy: the peer's summary of its records of [start, end), or
                         error holds-none / holds-part when it does not hold all of that range)
@@ -27,6 +30,16 @@ Message table::
     node -> SN          send {rid, to, envelope}          -> sent {rid}
     SN -> node          incoming {rid, envelope}          -> ack {rid}
     SN -> node          migrate {rid, contacts}           -> ack {rid}        (the SN is leaving)
+    node -> SN          relay-offer {rid}                 -> relays {rid, relays}
+                        (the SN's own TURN relay with a time-limited credential minted for
+                        the node's user, when the relay has spare capacity; none otherwise)
+    node -> SN          find {rid, username}              -> find-result {rid, outcome,
+                                                             rounds, record}
+                        (for a node whose UDP is blocked: the SN runs the iterative search on
+                        its behalf; outcome "found" | "offline" | "not-found" | "failed", record
+                        the signed presence record or None, which the node verifies itself;
+                        per connection at most 10 running and 20 started in any 10 s, beyond
+                        that error too-many-searches; overlay.supernode.FindBudget)
     either              ping {rid}                        -> pong             (keep-alive)
 
     over the login channel (sealed; one connection per request)
@@ -38,7 +51,7 @@ Message table::
 
 from __future__ import annotations
 
-from overlay.messages import Message, message
+from overlay.messages import Message, MessageError, Record, message, record
 from overlay.slotmap import SupernodeInfo
 
 #: Search requests are padded to this many bytes so a found record always fits in the reply.
@@ -216,6 +229,96 @@ class Migrate(Message):
 @message(0x0058, "ack", reply=True)
 class Ack(Message):
     rid: int
+
+
+@record
+class RelayOffer(Record):
+    """A TURN relay a node may use, with a time-limited credential (``overlay.turn``)."""
+
+    host: str
+    udp_port: int
+    tcp_port: int
+    username: str
+    password: str
+    expires: int
+    #: Allocations the relay can still take when it made the offer.
+    spare: int = 0
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.host, str) or not 0 < len(self.host) <= 253:
+            raise MessageError("A relay host must be 1-253 characters.")
+        for port in (self.udp_port, self.tcp_port):
+            if not isinstance(port, int) or isinstance(port, bool) or not 0 <= port <= 65535:
+                raise MessageError("A relay port must be in 0-65535.")
+        if not 0 < len(self.username) <= 200 or not 0 < len(self.password) <= 100:
+            raise MessageError("A relay credential is 1-200 and 1-100 characters.")
+
+    @property
+    def udp_address(self) -> tuple[str, int]:
+        return (self.host, self.udp_port)
+
+    @property
+    def tcp_address(self) -> tuple[str, int]:
+        return (self.host, self.tcp_port)
+
+    @property
+    def label(self) -> str:
+        return f"{self.host}:{self.udp_port}"
+
+
+@message(0x0059, "relay-offer")
+class RelayRequest(Message):
+    rid: int
+
+
+@message(0x005A, "relays", reply=True)
+class Relays(Message):
+    rid: int
+    relays: tuple[RelayOffer, ...] = ()
+
+
+#: The outcomes a ``find-result`` may carry (those of ``overlay.search``).
+FIND_OUTCOMES = ("found", "offline", "not-found", "failed")
+
+
+@message(0x005B, "find")
+class Find(Message):
+    """Search ``username`` for me: a node that cannot search over UDP asks its supernode."""
+
+    rid: int
+    username: str
+
+
+@message(0x005C, "find-result", reply=True)
+class FindResult(Message):
+    """How the supernode's search on the node's behalf ended; ``record``: the signed presence
+    record it chose ("found" / "offline"), for the node to verify itself."""
+
+    rid: int
+    outcome: str
+    rounds: int = 0
+    record: bytes | None = None
+
+    def __post_init__(self) -> None:
+        if self.outcome not in FIND_OUTCOMES:
+            raise MessageError(f"find-result outcome {self.outcome!r} is not known.")
+        if not 0 <= self.rounds <= 1000:
+            raise MessageError("find-result rounds must be in 0-1000.")
+
+
+@message(0x005D, "relay-mint")
+class RelayMint(Message):
+    rid: int
+    user: str
+    certificate: bytes
+    sent_at: int
+    signature: bytes
+
+
+@message(0x005E, "relay-minted", reply=True)
+class RelayMinted(Message):
+    rid: int
+    relays: tuple[RelayOffer, ...] = ()
 
 
 @message(0x0060, "sn-apply")

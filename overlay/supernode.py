@@ -12,7 +12,13 @@ A ``Supernode`` owns:
 - a UDP endpoint (``overlay.datagram``) for searches, stores, pulls, pings, reachability checks
   and forwarded messages;
 - a TCP service for attached ordinary nodes (``SupernodeConnection``): attach with a user
-  certificate and a proof of its key, publish presence, send messages, keep-alive.
+  certificate and a proof of its key, publish presence, send messages, keep-alive;
+- searches on behalf of attached nodes that cannot search themselves (UDP blocked): ``find``
+  runs the iterative search from here (``search_for_node``, set by the node running this
+  supernode) and returns the signed record, which the node verifies itself: a supernode can
+  refuse or fail such a search, never forge its answer.  Each connection gets a ``FindBudget``
+  (a few running at once, a few more per window) so a node cannot make its supernode search
+  without end.
 
 Message table: ``overlay.overlay_protocol``.
 """
@@ -21,7 +27,7 @@ from __future__ import annotations
 
 import contextlib
 import random
-from collections import Counter
+from collections import Counter, deque
 from collections.abc import Callable
 from typing import Any
 
@@ -55,6 +61,8 @@ from overlay.overlay_protocol import (
     Attached,
     DigestReply,
     DigestRequest,
+    Find,
+    FindResult,
     Forward,
     Forwarded,
     Incoming,
@@ -66,6 +74,9 @@ from overlay.overlay_protocol import (
     ReachCheck,
     ReachOk,
     Records,
+    RelayMint,
+    RelayRequest,
+    Relays,
     Search,
     SearchFound,
     SearchNone,
@@ -77,7 +88,8 @@ from overlay.overlay_protocol import (
     Stored,
 )
 from overlay.presence import PresenceError, SignedPresence
-from overlay.search import LEVEL_NOT_READY
+from overlay.relayoffers import RelayEndpoint, RelayOffers
+from overlay.search import LEVEL_NOT_READY, SearchResult
 from overlay.slotmap import Refer, RoutingView, Serve, SupernodeInfo, ViewSlot
 from overlay.slotsync import HoldsNone, HoldsPart, SlotSync, missing_ranges
 from overlay.usernames import canonical_username
@@ -115,6 +127,65 @@ class NotDelivered(VoipError):
     """The message could not be delivered."""
 
     code = "not-delivered"
+
+
+class TooManySearches(VoipError):
+    """Too many searches through this supernode; try again shortly."""
+
+    code = "too-many-searches"
+
+    def __init__(self, message: str | None = None, retry_after: float | None = None) -> None:
+        super().__init__(message)
+        self.retry_after = retry_after
+
+
+#: An attached node may have this many ``find``s running at once ...
+FIND_IN_FLIGHT = 10
+#: ... and start this many in any ``FIND_WINDOW`` seconds.
+FIND_PER_WINDOW = 20
+FIND_WINDOW = 10.0
+
+
+class FindBudget:
+    """How many ``find``s one connection may run: at most ``in_flight`` at once and
+    ``per_window`` started in any ``window`` seconds of the clock (a sliding window)."""
+
+    def __init__(
+        self,
+        clock: IReactorTime,
+        in_flight: int = FIND_IN_FLIGHT,
+        per_window: int = FIND_PER_WINDOW,
+        window: float = FIND_WINDOW,
+    ) -> None:
+        self.clock = clock
+        self.in_flight = in_flight
+        self.per_window = per_window
+        self.window = window
+        self.running = 0
+        self._started: deque[float] = deque()
+
+    def take(self) -> None:
+        """Start one, or raise ``TooManySearches`` (``retry_after`` set when the window is full)."""
+        now = self.clock.seconds()
+        while self._started and self._started[0] <= now - self.window:
+            self._started.popleft()
+        if self.running >= self.in_flight:
+            raise TooManySearches(
+                f"Too many searches: at most {self.in_flight} at once; wait for one to finish."
+            )
+        if len(self._started) >= self.per_window:
+            wait = max(0.0, self._started[0] + self.window - now)
+            raise TooManySearches(
+                f"Too many searches: at most {self.per_window} in {self.window:g} s; "
+                f"try again in {wait:.1f} s.",
+                retry_after=wait,
+            )
+        self.running += 1
+        self._started.append(now)
+
+    def release(self) -> None:
+        """One has finished (answered or failed)."""
+        self.running = max(0, self.running - 1)
 
 
 def _username_of(blob: bytes) -> str:
@@ -168,6 +239,9 @@ class Supernode:
         self.attached: dict[str, SupernodeConnection] = {}
         self.counters: Counter[str] = Counter()
         self.sync = SlotSync(self)
+        #: Our relay, offered to attached nodes (``relay-offer``); None: we relay nothing.
+        self.relay: RelayEndpoint | None = None
+        self.offers = RelayOffers(self)
         self.anti_entropy = AntiEntropy(self, every=anti_entropy_every)
 
     @property
@@ -278,6 +352,8 @@ class Supernode:
         if isinstance(message, Forward):
             delivered = await self.deliver_local(message.to, message.envelope)
             return Forwarded(message.rid, delivered)
+        if isinstance(message, RelayMint):
+            return self.offers.handle_mint(message)
         raise ProtocolError(f"{message.NAME} is not a supernode request.")
 
     def _search(self, message: Search) -> Message:
@@ -475,6 +551,11 @@ class Supernode:
     #: where the user is attached (an iterative search from here).
     locate_user: Callable[[str], Deferred[SupernodeInfo | None]] | None = None
 
+    #: Set by the node that runs this supernode: ``search(username) -> (result, signed)``, an
+    #: iterative search from here for an attached node that cannot search itself (``find``);
+    #: ``signed``: the bytes of the chosen record (None without one), passed on unaltered.
+    search_for_node: Callable[[str], Deferred[tuple[SearchResult, bytes | None]]] | None = None
+
     async def send(self, sender: str, to: str, envelope: bytes) -> None:
         to = canonical_username(to)
         if to in self.attached:
@@ -523,6 +604,7 @@ class SupernodeConnection(FramedConnection):
         self.username: str | None = None
         self._next_rid = 1
         self._waiting: dict[int, Deferred[Message]] = {}
+        self.finds = FindBudget(supernode.clock)
 
     def message_received(self, message: Message) -> None:
         sn = self.supernode
@@ -561,6 +643,10 @@ class SupernodeConnection(FramedConnection):
                 self._run(message, self._publish(message))
             elif isinstance(message, Send):
                 self._run(message, self._send_message(message))
+            elif isinstance(message, RelayRequest):
+                self._run(message, self._relay_offer(message))
+            elif isinstance(message, Find):
+                self._find(message)
             else:
                 raise ProtocolError(f"{message.NAME} is not a request a node may make.")
         except VoipError as exc:
@@ -588,10 +674,41 @@ class SupernodeConnection(FramedConnection):
         replicas = await sn.replicate(message.record, user_key(record.username))
         return Published(message.rid, replicas)
 
+    async def _relay_offer(self, message: RelayRequest) -> Message:
+        assert self.username is not None
+        return Relays(message.rid, await self.supernode.offers.for_node(self.username))
+
     async def _send_message(self, message: Send) -> Message:
         assert self.username is not None
         await self.supernode.send(self.username, message.to, message.envelope)
         return Sent(message.rid)
+
+    def _find(self, message: Find) -> None:
+        """Search for the node (its UDP is blocked), within its ``FindBudget``."""
+        sn = self.supernode
+        search = sn.search_for_node
+        if search is None or sn.view is None:
+            raise VoipError("This supernode cannot search.")
+        try:
+            user_key(message.username)
+        except VoipError as exc:
+            raise ProtocolError(f"Cannot search {message.username!r}: {exc}") from None
+        try:
+            self.finds.take()
+        except TooManySearches:
+            sn.counters["finds-refused"] += 1
+            raise
+        sn.counters["finds"] += 1
+
+        async def run() -> Message:
+            try:
+                result, signed = await search(message.username)
+            finally:
+                self.finds.release()
+            sn.counters[f"finds-{result.outcome}"] += 1
+            return FindResult(message.rid, result.outcome, result.rounds, signed)
+
+        self._run(message, run())
 
     def _run(self, request: Message, work: Any) -> None:
         rid = getattr(request, "rid", 0)

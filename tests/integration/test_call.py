@@ -44,6 +44,8 @@ def network(processes: Processes, login_data: Path, short_dir):
         "2",
         "--max-load",
         "1000",
+        "--relay-allow-peers",
+        "127.0.0.0/8",
     )
     wait_for(lambda: status(sn)["supernode"].get("active"), "the volunteer becoming a supernode")
     alice = node(processes, short_dir() / "alice", server, "--debug-state", "call")

@@ -137,26 +137,34 @@ def results(request: pytest.FixtureRequest) -> Iterator[list[tuple[str, str, flo
         print("\n".join(lines))
 
 
-@pytest.fixture(scope="module")
-def overlay(netlab_host: None) -> Iterator[CallLab]:
-    """The lab, the login server, both supernodes and every user, logged in and published;
+@contextlib.contextmanager
+def running_overlay(
+    scenario: Scenario, supernodes: tuple[str, ...], users: tuple[str, ...], prefix: str
+) -> Iterator[CallLab]:
+    """The lab, the login server, the supernodes and every user, logged in and published;
     everything stopped by PID and every namespace deleted afterwards, also on failure."""
-    workdir = Path(tempfile.mkdtemp(dir="/tmp", prefix="vc-"))
+    workdir = Path(tempfile.mkdtemp(dir="/tmp", prefix=prefix))
     sigterm_interrupts()
     try:
         with contextlib.ExitStack() as stack:
-            lab = stack.enter_context(Lab(SCENARIO))
+            lab = stack.enter_context(Lab(scenario))
             processes = Processes(workdir / "logs")
             stack.callback(processes.stop_all)
             calls = CallLab(lab, processes, workdir)
-            calls.start_login_server("login", "--min-supernodes", str(len(SUPERNODES)))
-            calls.start_supernodes(SUPERNODES)
-            calls.start_users(USERS)
+            calls.start_login_server("login", "--min-supernodes", str(len(supernodes)))
+            calls.start_supernodes(supernodes)
+            calls.start_users(users)
             yield calls
     finally:
         if _replaced:
             signal.signal(signal.SIGTERM, _replaced.pop())
         shutil.rmtree(workdir, ignore_errors=True)
+
+
+@pytest.fixture(scope="module")
+def overlay(netlab_host: None) -> Iterator[CallLab]:
+    with running_overlay(SCENARIO, SUPERNODES, USERS, "vc-") as calls:
+        yield calls
 
 
 def speech_files() -> tuple[Path, Path]:

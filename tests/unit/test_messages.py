@@ -33,6 +33,7 @@ from overlay.messages import (
     name_of,
     parse_datagram,
 )
+from overlay.overlay_protocol import FIND_OUTCOMES, FindResult, RelayOffer
 from overlay.slotmap import SupernodeInfo
 
 SETTINGS = settings(max_examples=100, deadline=None)
@@ -55,6 +56,23 @@ VALID_RECORDS: dict[Any, SearchStrategy[Any]] = {
         st.integers(1, 65535),
         st.integers(1, 65535),
     ),
+    RelayOffer: st.builds(
+        RelayOffer,
+        st.text(alphabet="0123456789.:abcdef", min_size=1, max_size=40),
+        st.integers(0, 65535),
+        st.integers(0, 65535),
+        st.text(min_size=1, max_size=60),
+        st.text(min_size=1, max_size=60),
+        st.integers(),
+        st.integers(),
+    ),
+    FindResult: st.builds(
+        FindResult,
+        st.integers(),
+        st.sampled_from(FIND_OUTCOMES),
+        st.integers(0, 1000),
+        st.none() | st.binary(max_size=80),
+    ),
 }
 
 
@@ -75,6 +93,8 @@ def strategy_for(annotation: Any) -> SearchStrategy[Any]:
 
 
 def records(cls: type[Record]) -> SearchStrategy[Any]:
+    if cls in VALID_RECORDS:
+        return VALID_RECORDS[cls]
     hints = typing.get_type_hints(cls)
     fields = dataclasses.fields(cls)  # type: ignore[arg-type]
     return st.builds(cls, **{f.name: strategy_for(hints[f.name]) for f in fields})
@@ -120,6 +140,12 @@ def test_the_message_table() -> None:
         0x0056: "incoming",
         0x0057: "migrate",
         0x0058: "ack",
+        0x0059: "relay-offer",
+        0x005A: "relays",
+        0x005B: "find",
+        0x005C: "find-result",
+        0x005D: "relay-mint",
+        0x005E: "relay-minted",
         0x0060: "sn-apply",
         0x0061: "sn-admitted",
         0x0062: "sn-heartbeat",

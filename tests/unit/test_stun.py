@@ -14,6 +14,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis.strategies import SearchStrategy
 
+import overlay.turn  # noqa: F401 - its TURN rows are in the shared attribute table too
 from overlay.errors import ProtocolError
 from overlay.stun import (
     ATTRIBUTES,
@@ -318,6 +319,18 @@ VALUES: dict[int, SearchStrategy[Any]] = {
     0x8023: addresses,
     0x802B: addresses,
     0x802C: addresses,
+    # TURN (overlay.turn)
+    0x000C: st.integers(0x4000, 0x4FFF),
+    0x000D: st.integers(0, 2**32 - 1),
+    0x0012: addresses,
+    0x0013: st.binary(max_size=64),
+    0x0016: addresses,
+    0x0017: st.integers(0, 255),
+    0x0018: st.booleans(),
+    0x0019: st.integers(0, 255),
+    0x001A: st.just(True),
+    0x0022: st.binary(min_size=8, max_size=8),
+    0x8000: st.integers(0, 255),
 }
 known = st.sampled_from(sorted(VALUES)).flatmap(
     lambda code: VALUES[code].map(lambda value: Attribute(code, value))

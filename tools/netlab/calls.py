@@ -49,6 +49,8 @@ LOGIN_PORT = 7000
 #: Supernode volunteers: no waiting, and a busy test machine must not make them decline.
 SUPERNODE_OPTIONS = (
     "--allow-supernode", "--min-uptime", "0.5", "--heartbeat", "2", "--max-load", "1000",
+    # the lab's "public" addresses are documentation ranges, not globally routable ones
+    "--relay-allow-peers", "203.0.113.0/24", "--relay-allow-peers", "198.51.100.0/24",
 )  # fmt: skip
 WAIT_S = 30.0
 _CLK_TCK = os.sysconf("SC_CLK_TCK")
@@ -149,6 +151,22 @@ class CallRecord:
         path = summary.get("path") or {}
         kind = path.get("kind")
         return str(kind) if kind is not None else None
+
+
+@dataclass
+class PlacedCall:
+    """A call placed with ``CallLab.start_call``, not yet finished."""
+
+    caller: str
+    callee: str
+    seconds: float
+    calling: Process
+    answering: Process
+    caller_heard: Path
+    callee_heard: Path
+    pids: dict[str, int]
+    cpu_before: dict[str, float]
+    started: float
 
 
 class CallLab:
@@ -253,7 +271,12 @@ class CallLab:
 
     # -- calls -----------------------------------------------------------------------------------
 
-    def call(
+    def call(self, caller: str, callee: str, **options: Any) -> CallRecord:
+        """``caller`` calls ``callee``, who answers; both play a WAV file and record what they
+        hear; the caller hangs up after ``seconds`` of conversation (``start_call``'s options)."""
+        return self.finish_call(self.start_call(caller, callee, **options))
+
+    def start_call(
         self,
         caller: str,
         callee: str,
@@ -262,9 +285,8 @@ class CallLab:
         caller_wav: Path,
         callee_wav: Path,
         label: str = "",
-    ) -> CallRecord:
-        """``caller`` calls ``callee``, who answers; both play a WAV file and record what they
-        hear; the caller hangs up after ``seconds`` of conversation."""
+    ) -> PlacedCall:
+        """Place a call and return at once (several may run together, each user in one)."""
         out = self.workdir / "calls" / (label or f"{caller}-{callee}")
         out.mkdir(parents=True, exist_ok=True)
         caller_heard, callee_heard = out / f"{caller}-heard.wav", out / f"{callee}-heard.wav"
@@ -282,11 +304,32 @@ class CallLab:
             "--play", caller_wav, "--record", caller_heard, "--duration", f"{seconds:g}",
             "--json",
         )  # fmt: skip
-        limit = seconds + 40.0
-        caller_code = calling.wait_exit(limit)
-        callee_code = answering.wait_exit(20.0)
-        wall = time.monotonic() - started
-        cpu = {host: cpu_seconds(pid) - before[host] for host, pid in pids.items()}
+        return PlacedCall(
+            caller, callee, seconds, calling, answering, caller_heard, callee_heard, pids,
+            before, started,
+        )  # fmt: skip
+
+    def finish_call(self, placed: PlacedCall) -> CallRecord:
+        """Wait for a placed call to end; its record, or ``CallLabError`` saying what failed."""
+        caller, callee = placed.caller, placed.callee
+        a, b = self.daemons[caller], self.daemons[callee]
+        calling, answering = placed.calling, placed.answering
+        try:
+            caller_code = calling.wait_exit(placed.seconds + 40.0)
+            callee_code = answering.wait_exit(20.0)
+        except ProcessFailure as exc:
+            answering.stop()
+            calling.stop()
+            raise CallLabError(
+                f"the call {caller} -> {callee} did not end: {exc}\n"
+                f"{calling.describe()}\n{answering.describe()}\n"
+                f"--- voipd {caller} ---\n{a.log_tail(80)}\n"
+                f"--- voipd {callee} ---\n{b.log_tail(80)}"
+            ) from None
+        wall = time.monotonic() - placed.started
+        cpu = {
+            host: cpu_seconds(pid) - placed.cpu_before[host] for host, pid in placed.pids.items()
+        }
         if caller_code != 0 or callee_code != 0:
             raise CallLabError(
                 f"the call {caller} -> {callee} failed (exit {caller_code} / {callee_code}).\n"
@@ -301,5 +344,6 @@ class CallLab:
                 f"no JSON summary: {exc}\n{calling.describe()}\n{answering.describe()}"
             ) from None
         return CallRecord(
-            caller, callee, caller_summary, callee_summary, caller_heard, callee_heard, wall, cpu
-        )
+            caller, callee, caller_summary, callee_summary, placed.caller_heard,
+            placed.callee_heard, wall, cpu,
+        )  # fmt: skip
