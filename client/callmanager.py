@@ -12,7 +12,9 @@ import os
 from collections.abc import Awaitable, Callable
 from typing import Any
 
-from twisted.internet.defer import Deferred, fail
+from twisted.internet import defer
+from twisted.internet.defer import CancelledError, Deferred, fail
+from twisted.internet.task import deferLater
 from twisted.logger import Logger
 
 from client.calls import (
@@ -29,6 +31,9 @@ from client.envelope import EnvelopeError, ReplayGuard, open_envelope, seal
 from client.signalling import ENVELOPE_KIND, CallSignal, SignalError, signal
 from overlay.errors import VoipError
 from overlay.usernames import canonical_username
+
+#: ``voipctl ping --until-direct`` gives up after this many checks.
+MAX_PINGS = 60
 
 log = Logger()
 Credentials = Callable[[], Any]  # -> (IdentityKey, SignedCertificate) | None
@@ -144,6 +149,84 @@ class CallManager:
         progress(f"Calling {peer}...")
         call.send_signal("invite")
         return self._result(await call.done, call)
+
+    async def ping(
+        self,
+        peer: str,
+        progress: Callable[[str], None],
+        *,
+        count: int = 4,
+        interval: float = 1.0,
+        until_direct: bool = False,
+        timeout: float = 2.0,
+    ) -> dict[str, Any]:
+        """Open a session with no audio to ``peer`` (direct or relayed, like a call) and send
+        ``count`` checks over its path, one line per reply; ``until_direct``: go on (up to
+        ``MAX_PINGS``) until the path is direct."""
+        _, certificate = self._me()
+        peer = canonical_username(peer)
+        if self.call is not None:
+            raise AlreadyInCall()
+        if peer == certificate.username:
+            raise CallError("You cannot ping yourself.")
+        progress(f"Searching for {peer}...")
+        result = await self.search(peer)
+        if result.outcome != "found":
+            raise CalleeUnavailable(
+                f"{peer} is not online." if result.outcome != "failed" else "No supernode answered."
+            )
+        call = self._new_call("caller", peer, os.urandom(16))
+        call.purpose = "ping"
+        try:
+            await call.open()
+        except BaseException:
+            self.call = None
+            call.socket.close()
+            raise
+        call.start()
+        call.send_signal("invite")
+        progress(f"Opening a path to {peer}...")
+        try:
+            await call.connected
+        except CancelledError:
+            raise CallEnded(call.outcome or "failed", call.reason) from None
+        rtts: list[float] = []
+        sent = 0
+        limit = MAX_PINGS if until_direct else count
+        try:
+            while sent < limit and call.outcome is None:
+                sent += 1
+                started = self.reactor.seconds()
+                assert call.paths is not None
+                kind = call.paths.describe_route()
+                try:
+                    rtt = await call.paths.probe(timeout)
+                except (VoipError, TimeoutError, defer.TimeoutError):
+                    progress(f"No reply from {peer} over {kind} within {timeout:g} s.")
+                else:
+                    rtts.append(rtt)
+                    progress(f"Reply from {peer} over {kind}: time={rtt * 1000:.1f} ms")
+                    if until_direct and kind.startswith("direct"):
+                        break
+                wait = interval - (self.reactor.seconds() - started)
+                if sent < limit and wait > 0:
+                    await deferLater(self.reactor, wait)
+        finally:
+            summary_path = call.paths.describe() if call.paths is not None else None
+            if call.machine is not None and call.outcome is None:
+                call.machine.hangup()
+        return {
+            "peer": peer,
+            "sent": sent,
+            "received": len(rtts),
+            "loss_percent": round(100.0 * (sent - len(rtts)) / sent, 1) if sent else 0.0,
+            "rtt_ms": {
+                "min": round(min(rtts) * 1000, 2) if rtts else None,
+                "avg": round(sum(rtts) / len(rtts) * 1000, 2) if rtts else None,
+                "max": round(max(rtts) * 1000, 2) if rtts else None,
+            },
+            "path": summary_path,
+        }
 
     async def answer(
         self, options: AudioOptions, wait: float, progress: Callable[[str], None]
@@ -273,6 +356,8 @@ class CallManager:
         call = self._new_call("callee", sender, invite.call_id)
         call.peer_public = invite.ephemeral
         call.take_offer(invite)
+        if invite.codec == "ping":
+            call.purpose = "ping"
 
         async def ring() -> None:
             try:
@@ -283,6 +368,11 @@ class CallManager:
                     self.call = None
                 raise
             call.start()
+            if call.purpose == "ping":  # answered at once, unrung, with no audio
+                log.info("ping session from {sender}", sender=sender)
+                assert call.machine is not None
+                call.machine.answer()
+                return
             call.send_signal("ringing")
             log.info("incoming call from {sender}", sender=sender)
             waiters, self._ringing_waiters = self._ringing_waiters, []

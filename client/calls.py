@@ -148,6 +148,10 @@ class Call:
         self.peer_rtts: tuple[int, ...] = ()
         self.probes: dict[str, Probe] = {}
         self.paths: MediaPaths | None = None
+        #: "call", or "ping": a session with no audio (``voipctl ping``), answered unrung.
+        self.purpose = "call"
+        #: Fires when a path is chosen (the call is "active").
+        self.connected: Deferred[None] = Deferred()
         self.local_candidates: list[CandidateInfo] = []
         self.socket = CallSocket()
         self.stun: Any = None
@@ -279,7 +283,7 @@ class Call:
                 "relays": self.my_offers,
             }
             if kind == "invite":
-                fields["codec"] = "opus"
+                fields["codec"] = "ping" if self.purpose == "ping" else "opus"
             else:
                 fields["rtts"] = tuple(
                     self.probes[o.label].rtt_ms if o.label in self.probes else -1
@@ -346,18 +350,25 @@ class Call:
             self.paths.relay_signal(message)
 
     def start_media(self, pair: Any) -> None:
-        assert self.keys is not None and self.audio is not None and self.paths is not None
+        assert self.keys is not None and self.paths is not None
         paths = self.paths
         self.path = paths.describe()
         kind = self.path["kind"]
-        source, sink = self.audio
-        self.media = self.env.media(self.env.reactor, paths.send, self.keys, source, sink)
-        self.socket.handlers.append(self._media_datagram)
-        self.media.start()
         self.answered_at = self.env.reactor.seconds()
-        self.say(f"Connected to {self.peer} ({kind}, {self.path['remote']}).")
-        self._watch()
-        self._watch_path()
+        if self.purpose == "ping":  # no audio: the pings are checks on the path
+            self.media = NoMedia()
+            self._later(PING_SESSION_MAX, self._time_up)
+        else:
+            assert self.audio is not None
+            source, sink = self.audio
+            self.media = self.env.media(self.env.reactor, paths.send, self.keys, source, sink)
+            self.socket.handlers.append(self._media_datagram)
+            self.media.start()
+            self.say(f"Connected to {self.peer} ({kind}, {self.path['remote']}).")
+            self._watch()
+            self._watch_path()
+        if not self.connected.called:
+            self.connected.callback(None)
         if self.options.duration is not None:
             self._timers.append(self.env.reactor.callLater(self.options.duration, self._time_up))
 
@@ -416,6 +427,9 @@ class Call:
                 part.close()
         self.socket.close()
         self.summary = self.describe(stats)
+        if not self.connected.called:
+            self.connected.cancel()
+            self.connected.addErrback(lambda _: None)
         self.done.callback(self.summary)
 
     # -- reports -------------------------------------------------------------------------------
@@ -436,6 +450,28 @@ class Call:
             "media": _plain(stats),
         }
         return document
+
+
+#: A ping session ends by itself after this long (its caller normally ends it first).
+PING_SESSION_MAX = 300.0
+
+
+class NoMedia:
+    """The media of a ping session: none (``voipctl ping`` probes the path itself)."""
+
+    last_received: float | None = None
+
+    def start(self) -> None:
+        pass
+
+    def datagram_received(self, data: bytes) -> None:
+        pass
+
+    def stats(self) -> None:
+        return None
+
+    def stop(self) -> None:
+        return None
 
 
 def _plain(stats: Any) -> Any:

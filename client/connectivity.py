@@ -44,7 +44,7 @@ from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from twisted.internet.defer import Deferred
+from twisted.internet.defer import Deferred, fail
 from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.logger import Logger
 
@@ -100,6 +100,8 @@ class _Transaction:
     remote: Address
     sent_at: float
     nominate: bool
+    #: ``probe()``'s waiter: fired with the round-trip time when the answer comes.
+    waiter: Deferred[float] | None = None
 
 
 class ConnectivityChecker:
@@ -171,6 +173,18 @@ class ConnectivityChecker:
             self.counters["late-candidates"] += 1
             return
         self._schedule(self._add_remotes(candidates))
+
+    def probe(self, timeout: float = 2.0) -> Deferred[float]:
+        """One check on the selected pair; fires with its round-trip time (``voipctl ping``),
+        or fails with ``NoDirectPath`` when not selected, ``TimeoutError`` after ``timeout``."""
+        if self.state is not State.SELECTED or self.selected is None:
+            return fail(NoDirectPath("No path is selected to probe."))
+        pair = self.pairs.get(self.selected.remote)
+        if pair is None:  # pragma: no cover - a selected pair is always in the list
+            return fail(NoDirectPath("The selected pair is gone."))
+        waiter: Deferred[float] = Deferred()
+        self._check(pair, waiter=waiter)
+        return waiter.addTimeout(timeout, self.reactor)
 
     def stop(self) -> None:
         """Cancel every timer and stop answering; a pending ``start()`` fails (CancelledError)."""
@@ -244,7 +258,9 @@ class ConnectivityChecker:
         pair.due = max(pair.due, now)  # after a stall (a sleeping laptop): no burst to catch up
         pair.timer = self.reactor.callLater(pair.due - now, self._transmit, pair)
 
-    def _check(self, pair: Pair, nominate: bool = False) -> None:
+    def _check(
+        self, pair: Pair, nominate: bool = False, waiter: Deferred[float] | None = None
+    ) -> None:
         now = self.reactor.seconds()
         while self._transactions:
             oldest = next(iter(self._transactions.values()))
@@ -252,7 +268,7 @@ class ConnectivityChecker:
                 break
             self._transactions.popitem(last=False)
         txid = os.urandom(TXID_SIZE)
-        self._transactions[txid] = _Transaction(pair.remote.address, now, nominate)
+        self._transactions[txid] = _Transaction(pair.remote.address, now, nominate, waiter)
         pair.sends += 1
         self.counters["requests-sent"] += 1
         request = CheckPacket(
@@ -331,6 +347,8 @@ class ConnectivityChecker:
         self._heard_peer = True
         pair.rtt = now - transaction.sent_at
         pair.local = self.checklist.local_for(packet.observed)
+        if transaction.waiter is not None and not transaction.waiter.called:
+            transaction.waiter.callback(pair.rtt)
         if self.state is State.SELECTED:
             if self.selected is not None and source == self.selected.remote:
                 self.last_heard = now

@@ -150,6 +150,7 @@ class Daemon(MultiService):
             "login": self.cmd_login,
             "logout": self.cmd_logout,
             "ping": self.cmd_ping,
+            "ping-user": self.cmd_ping_user,
             "call": self.cmd_call,
             "answer": self.cmd_answer,
             "hangup": self.cmd_hangup,
@@ -423,6 +424,23 @@ class Daemon(MultiService):
 
     async def cmd_ping(self, args: dict[str, Any], progress: Progress) -> dict[str, Any]:
         return {"pong": True, "pid": os.getpid()}
+
+    async def cmd_ping_user(self, args: dict[str, Any], progress: Progress) -> dict[str, Any]:
+        name = canonical_username(_text(args, "username"))
+        if self.account.username is None:
+            raise NotLoggedIn()
+        count, interval = args.get("count", 4), args.get("interval", 1.0)
+        if not isinstance(count, int) or not 1 <= count <= 100:
+            raise VoipError("The count must be 1-100.")
+        if not isinstance(interval, int | float) or not 0.2 <= interval <= 60:
+            raise VoipError("The interval must be 0.2-60 s.")
+        return await self.calls.ping(
+            name,
+            progress,
+            count=count,
+            interval=float(interval),
+            until_direct=bool(args.get("until_direct")),
+        )
 
     async def cmd_call(self, args: dict[str, Any], progress: Progress) -> dict[str, Any]:
         name = canonical_username(_text(args, "username"))

@@ -28,7 +28,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-from twisted.internet.defer import CancelledError, Deferred, gatherResults
+from twisted.internet.defer import CancelledError, Deferred, fail, gatherResults
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
@@ -369,6 +369,15 @@ class MediaPaths:
             self.call.socket.send(data, (remote[0], remote[1]))
         elif isinstance(route, RelayLeg):
             route.send_media(data)
+
+    def probe(self, timeout: float = 2.0) -> Deferred[float]:
+        """A connectivity check on the path in use: its round-trip time (``voipctl ping``)."""
+        route = self.route
+        checker = self.direct_checker if route == "direct" else getattr(route, "checker", None)
+        if checker is None:
+            return fail(VoipError("No path is in use yet."))
+        result: Deferred[float] = checker.probe(timeout)
+        return result
 
     def direct_media(self, data: bytes, address: Address) -> None:
         if self.direct is not None and (address[0], address[1]) == tuple(self.direct.remote):

@@ -51,7 +51,8 @@ MAX_SIGNAL = 900
 MAX_RELAYS = 2
 MAX_NAT_TEXT = 32
 CANDIDATE_KINDS = frozenset({"host", "srflx", "prflx", "relay"})
-CODECS = frozenset({"opus"})
+#: "ping": a session with no audio at all, for ``voipctl ping`` (answered without ringing).
+CODECS = frozenset({"opus", "ping"})
 
 
 class SignalError(ProtocolError):

@@ -394,6 +394,38 @@ def cmd_hangup(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_ping(args: argparse.Namespace) -> int:
+    """Pings over the path a call would take; one line per reply, on standard output."""
+    request = {
+        "username": args.username,
+        "count": args.count,
+        "interval": args.interval,
+        "until_direct": args.until_direct,
+    }
+
+    def line(text: str) -> None:
+        stream = sys.stdout if text.startswith(("Reply", "No reply")) else sys.stderr
+        if not args.json or stream is sys.stderr:
+            print(text, file=stream, flush=True)
+
+    result = call(args.socket, "ping-user", request, line, timeout=None)
+    if args.json:
+        print_json(result)
+    else:
+        rtt = result.get("rtt_ms") or {}
+        path = result.get("path") or {}
+        print(
+            f"--- {result.get('peer')}: {result.get('sent')} sent, {result.get('received')} "
+            f"received, {result.get('loss_percent')} % lost; path {path.get('kind')}"
+            + (
+                f"; rtt min/avg/max {rtt['min']}/{rtt['avg']}/{rtt['max']} ms"
+                if rtt.get("min")
+                else ""
+            )
+        )
+    return 0 if result.get("received") else 1
+
+
 def format_netcheck(result: dict[str, Any]) -> str:
     lines = [f"UDP: {'works' if result.get('udp_works') else 'blocked (no supernode answered)'}."]
     if result.get("reflexive"):
@@ -456,6 +488,13 @@ def build_parser() -> argparse.ArgumentParser:
             "--duration", type=float, metavar="S", help="hang up after S s of conversation"
         )
     sub.add_parser("hangup", parents=[common], help="hang up, cancel or decline the call")
+    ping = sub.add_parser("ping", parents=[common], help="path and round trip to a user")
+    ping.add_argument("username")
+    ping.add_argument("-c", "--count", type=int, default=4, help="replies to ask for (4)")
+    ping.add_argument("-i", "--interval", type=float, default=1.0, help="seconds between (1)")
+    ping.add_argument(
+        "--until-direct", action="store_true", help="go on until the path is direct (at most 60)"
+    )
     sub.add_parser(
         "netcheck", parents=[common], help="UDP, reflexive address, NAT kind, supernode RTTs"
     )
@@ -471,6 +510,7 @@ COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
     "call": cmd_call,
     "answer": cmd_answer,
     "hangup": cmd_hangup,
+    "ping": cmd_ping,
     "netcheck": cmd_netcheck,
 }
 

@@ -228,3 +228,45 @@ def test_a_relay_killed_mid_call_is_replaced_within_3_s(
         assert summary["path"]["relay_server"] != used[0], summary["path"]
         assert summary["path"]["switches"], summary["path"]
     assert gap < 3.0, samples
+
+
+def test_ping_reports_the_path_and_round_trip_one_line_per_reply(
+    processes: Processes, login_data: Path, short_dir: Any
+) -> None:
+    _, alice, bob = _overlay(
+        processes,
+        login_data,
+        short_dir,
+        sn_options=("--relay-allow-peers", "127.0.0.0/8"),
+        alice_options=(),
+    )
+    code, out, err = ctl(alice, "ping", "bob", "-c", "3", "-i", "0.3")
+    assert code == 0, err
+    replies = [line for line in out.splitlines() if line.startswith("Reply from bob")]
+    assert len(replies) == 3, out
+    assert all(re.search(r"over direct host: time=\d+\.\d ms$", r) for r in replies), out
+    assert "--- bob: 3 sent, 3 received, 0.0 % lost; path direct host" in out
+    code, out, _ = ctl(alice, "ping", "bob", "--until-direct", "--json")
+    result = json.loads(out)
+    assert code == 0 and result["sent"] == 1 and result["received"] == 1, result
+    assert result["path"]["kind"] == "direct host"
+    # bob's side answered without ringing, and no call is left on either side.
+    wait_for(
+        lambda: status(bob)["call"] is None and status(alice)["call"] is None, "sessions ending"
+    )
+    code, out, err = ctl(alice, "ping", "nobody-here")
+    assert code == 1 and "nobody-here is not online." in err, (out, err)
+
+
+def test_ping_through_a_relay(processes: Processes, login_data: Path, short_dir: Any) -> None:
+    _, alice, _ = _overlay(
+        processes,
+        login_data,
+        short_dir,
+        sn_options=("--relay-allow-peers", "127.0.0.0/8"),
+        alice_options=("--relay-only",),
+    )
+    code, out, err = ctl(alice, "ping", "bob", "-c", "2", "-i", "0.3")
+    assert code == 0, err
+    replies = [line for line in out.splitlines() if line.startswith("Reply from bob")]
+    assert len(replies) == 2 and all("over relay 127.0.0.1:" in r for r in replies), out

@@ -579,3 +579,25 @@ def test_the_reflector_tells_the_source_and_never_amplifies() -> None:
     assert parse_reflect_reply(reply, b"other-no") is None
     assert reflect_reply(request[:-1], ("1.2.3.4", 5)) is None
     assert reflect_reply(b"V" * 64, ("1.2.3.4", 5)) is None
+
+
+def test_a_probe_on_the_selected_pair_measures_its_round_trip_and_times_out() -> None:
+    world = World("port-restricted", None, latency=0.03)
+    a, b = world.checkers()
+    early: list[Any] = []
+    a.probe().addErrback(early.append)  # not selected yet: fails at once
+    assert len(early) == 1 and early[0].check(NoDirectPath)
+    world.start()
+    world.run(2.0)
+    rtts: list[float] = []
+    a.probe(timeout=1.0).addCallback(rtts.append)
+    world.run(0.5)
+    assert rtts == [pytest.approx(0.06, abs=0.015)]  # two latencies (the pump steps 10 ms)
+    # The peer gone: the probe fails after its timeout, and only then.
+    b.stop()
+    failures: list[Any] = []
+    a.probe(timeout=1.0).addErrback(failures.append)
+    world.run(0.9)
+    assert failures == []
+    world.run(0.2)
+    assert len(failures) == 1
