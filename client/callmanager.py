@@ -29,6 +29,7 @@ from client.calls import (
 )
 from client.envelope import EnvelopeError, ReplayGuard, open_envelope, seal
 from client.signalling import ENVELOPE_KIND, CallSignal, SignalError, signal
+from overlay.certificate import SignedCertificate
 from overlay.errors import VoipError
 from overlay.usernames import canonical_username
 
@@ -75,6 +76,11 @@ class CallManager:
         self.ignored = 0
         self.history: list[dict[str, Any]] = []
         self._ringing_waiters: list[Deferred[Call]] = []
+        #: ``(username, public_key)``: raises (e.g. ``KeyChanged``) when the key is not the one
+        #: pinned for that user (``client.keypins``); calls with a changed key are refused.
+        self.key_check: Callable[[str, bytes], None] | None = None
+        #: The last call refused because of the caller's key (for ``voipctl status``).
+        self.refused_key: str | None = None
 
     # -- identity --------------------------------------------------------------------------------
 
@@ -131,6 +137,7 @@ class CallManager:
             )
         if result.outcome != "found":
             raise CallError(f"Could not find {peer}: no supernode answered the search.")
+        self._check_key(peer, getattr(result.record, "certificate", None))
         if self.call is not None:
             raise AlreadyInCall()
         audio = self.env.open_audio(options)
@@ -313,6 +320,17 @@ class CallManager:
                 "refused a call signal from {sender}: {error}", sender=opened.sender, error=exc
             )
             return
+        if self.key_check is not None:
+            try:
+                self.key_check(opened.sender, opened.sender_key)
+            except VoipError as exc:
+                self.rejected += 1
+                self.refused_key = str(exc)
+                log.warn("refused a call signal: {error}", error=exc)
+                call = self.call
+                if call is not None and call.peer == opened.sender and call.machine is not None:
+                    call.machine.failed(str(exc))
+                return
         self._dispatch(opened.sender, message)
 
     def _dispatch(self, sender: str, message: CallSignal) -> None:
@@ -351,6 +369,16 @@ class CallManager:
             machine.cancelled(message.reason or "")
         elif message.kind == "bye":
             machine.bye(message.reason or "")
+
+    def _check_key(self, peer: str, certificate: bytes | None) -> None:
+        """Before calling: is the key in ``peer``'s record the one we pinned?"""
+        if self.key_check is None or certificate is None:
+            return
+        try:
+            key = SignedCertificate.parse(certificate).public_key
+        except VoipError:
+            return  # the search verified the record; an unreadable one cannot get here
+        self.key_check(peer, key)
 
     def _incoming(self, sender: str, invite: CallSignal) -> None:
         call = self._new_call("callee", sender, invite.call_id)

@@ -20,6 +20,7 @@ from client.calls import AudioOptions, CalleeUnavailable, CallEnded, Environment
 from client.callsocket import CallSocket
 from client.media.audio import ToneSource
 from overlay.certificate import issue
+from overlay.errors import VoipError
 from overlay.identity import IdentityKey
 from overlay.presence import Status
 from overlay.search import SearchResult
@@ -229,3 +230,31 @@ def test_caller_hangs_up_while_ringing(late: bool) -> None:
     world.run(0.2)
     assert str(outcome(placing).value) == "You cancelled the call."
     assert bob.call is None
+
+
+def test_a_changed_key_refuses_the_call_on_either_side() -> None:
+    """``key_check`` is the daemon's KeyPins.check (tested in test_keypins and end to end)."""
+    world = World()
+    alice, bob = world.user("alice"), world.user("bob")
+    changed = {"alice": False, "bob": False}
+
+    def check_for(owner: str) -> Any:
+        def check(username: str, public_key: bytes) -> None:
+            if changed[owner]:
+                raise VoipError(f"{username}'s key has CHANGED since you last talked.")
+
+        return check
+
+    alice.key_check, bob.key_check = check_for("alice"), check_for("bob")
+    changed["bob"] = True  # bob's pins say alice's key changed: her INVITE does not ring
+    placing = start(alice.place("bob", AudioOptions(), lambda _: None))
+    world.run(11.0, step=0.1)
+    assert bob.call is None and bob.refused_key == "alice's key has CHANGED since you last talked."
+    assert str(outcome(placing).value) == "bob's node did not respond."
+    # Accepted on bob's side; now alice's pins say bob's key changed: bob's first signal back
+    # (RINGING) ends the call with the warning.
+    changed["bob"], changed["alice"] = False, True
+    placing = start(alice.place("bob", AudioOptions(), lambda _: None))
+    world.run(0.3)
+    assert alice.call is None
+    assert "CHANGED" in str(outcome(placing).value)
