@@ -7,8 +7,12 @@ records what it hears, and the demo prints both ends' call summaries and the PES
 audio each side received.  Everything runs on 127.0.0.1 in a temporary directory; every process
 is stopped by its PID and the directory removed, also on failure or Ctrl-C.
 
+Run as root (where network namespaces work), the demo instead builds the NAT lab and calls
+between two users behind NATs that no hole punching can join, so the call is relayed by a
+supernode (``tools/demo_nat.py``); ``--mode loopback`` keeps it on 127.0.0.1.
+
     tools/demo              (installs what it needs first)
-    python -m tools.demo [--keep] [--json]
+    python -m tools.demo [--mode auto|lab|loopback] [--keep] [--json]
 """
 
 from __future__ import annotations
@@ -252,12 +256,28 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="tools.demo", description=__doc__.split("\n\n")[0])
     parser.add_argument("--keep", action="store_true", help="keep the working directory")
     parser.add_argument("--json", action="store_true", help="also print a JSON summary")
+    parser.add_argument(
+        "--mode",
+        choices=["auto", "lab", "loopback"],
+        default="auto",
+        help="lab: both users behind NATs in network namespaces (needs root); "
+        "loopback: all on 127.0.0.1; auto (default): lab where it can run",
+    )
     args = parser.parse_args(argv)
+    from tools.demo_nat import lab_available, nat_demo
+
+    problems = lab_available() if args.mode != "loopback" else ["loopback asked for"]
+    if args.mode == "lab" and problems:
+        print(f"demo: the NAT lab cannot run here: {'; '.join(problems)}.", file=sys.stderr)
+        return 2
+    lab = not problems
+    if args.mode == "auto" and not lab:
+        say(f"(The NAT lab cannot run here: {'; '.join(problems)}; the demo runs on 127.0.0.1.)")
     work = Path(tempfile.mkdtemp(prefix="voip-demo-", dir="/tmp"))
     started = time.monotonic()
     try:
-        summary = demo(work)
-    except DemoFailed as exc:
+        summary = nat_demo(work, say, DemoFailed) if lab else {"mode": "loopback", **demo(work)}
+    except (DemoFailed, ProcessFailure, AssertionError) as exc:  # CallLab fails with what it saw
         print(f"demo: {exc}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
