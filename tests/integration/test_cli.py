@@ -739,9 +739,8 @@ def test_adduser_when_database_is_read_only(login_data: Path) -> None:
 # -- 11. voip-relay -----------------------------------------------------------------------------
 
 
-def test_relay_is_not_built_yet() -> None:
+def test_relay_without_a_command_says_what_it_takes() -> None:
     result = run(RELAY, timeout=SHORT_TIMEOUT)
-    assert only_line(result) == (
-        "voip-relay: the TURN relay is not part of this release yet; "
-        "calls cannot be relayed by this version."
-    )
+    assert result.returncode == 2
+    assert "the following arguments are required: command" in result.stderr
+    assert "{serve,credential}" in result.stderr
