@@ -32,6 +32,7 @@ from client.calls import AudioOptions
 from client.callsocket import route_source
 from client.candidates import parse_address as parse_candidate_address
 from client.control import ControlFactory, Handler
+from client.keypins import KeyPins, safety_number
 from client.loginclient import LoginClient, parse_address
 from client.overlaynode import OverlayNode, Searcher
 from client.paths import MAX_SOCKET_PATH, default_socket_path, default_state_dir
@@ -42,7 +43,7 @@ from overlay.certificate import SignedCertificate
 from overlay.datagram import DatagramEndpoint
 from overlay.errors import VoipError
 from overlay.hostcache import HostCache
-from overlay.identity import DEFAULT_COST, IdentityKey, KdfCost, read_trust_anchor
+from overlay.identity import DEFAULT_COST, IdentityKey, KdfCost, key_fingerprint, read_trust_anchor
 from overlay.listening import ListeningService
 from overlay.overlay_protocol import RelayOffer
 from overlay.relayoffers import RelayEndpoint
@@ -131,6 +132,9 @@ class Daemon(MultiService):
             self.node.search,
         )
         self.node.on_message.append(self.calls.received)
+        #: The keys first seen for each user (client.keypins): calls check them.
+        self.pins = KeyPins(config.state / "pins.json")
+        self.calls.key_check = self.pins.check
         self._starved_timer: Any = None
         self._nat_checking = False
         #: Our NAT kind as the last NAT check found it (None: not checked yet).
@@ -151,6 +155,7 @@ class Daemon(MultiService):
             "logout": self.cmd_logout,
             "ping": self.cmd_ping,
             "ping-user": self.cmd_ping_user,
+            "verify": self.cmd_verify,
             "call": self.cmd_call,
             "answer": self.cmd_answer,
             "hangup": self.cmd_hangup,
@@ -424,6 +429,34 @@ class Daemon(MultiService):
 
     async def cmd_ping(self, args: dict[str, Any], progress: Progress) -> dict[str, Any]:
         return {"pong": True, "pid": os.getpid()}
+
+    async def cmd_verify(self, args: dict[str, Any], progress: Progress) -> dict[str, Any]:
+        """The safety number with a user, and whether their key is the one pinned."""
+        name = canonical_username(_text(args, "username"))
+        certificate = self.account.certificate
+        if self.account.username is None or certificate is None:
+            raise NotLoggedIn()
+        progress(f"Looking up {name}'s key...")
+        result = await self.node.search(name)
+        if result.record is None:
+            raise VoipError(f"No key known for {name}: no such user, or not seen in 72 h.")
+        key = SignedCertificate.parse(result.record.certificate).public_key
+        pinned = self.pins.pinned(name)
+        if args.get("accept"):
+            self.pins.accept(name, key)
+            state = "accepted"
+        elif pinned is None:
+            self.pins.check(name, key)
+            state = "pinned now (first seen)"
+        else:
+            state = "the same as first seen" if pinned == key else "CHANGED"
+        me = certificate.username
+        return {
+            "username": name,
+            "safety_number": safety_number(me, certificate.public_key, name, key),
+            "key": key_fingerprint(key),
+            "state": state,
+        }
 
     async def cmd_ping_user(self, args: dict[str, Any], progress: Progress) -> dict[str, Any]:
         name = canonical_username(_text(args, "username"))

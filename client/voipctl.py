@@ -426,6 +426,22 @@ def cmd_ping(args: argparse.Namespace) -> int:
     return 0 if result.get("received") else 1
 
 
+def cmd_verify(args: argparse.Namespace) -> int:
+    request = {"username": args.username, "accept": args.accept}
+    result = call(args.socket, "verify", request, _progress(args))
+    if args.json:
+        print_json(result)
+        return 0
+    name = result.get("username")
+    print(f"Safety number with {name} (compare it with {name} in person or on a call):")
+    print(f"  {result.get('safety_number')}")
+    state = result.get("state")
+    print(f"{name}'s key {result.get('key')}: {state}.")
+    if state == "CHANGED":
+        print(f"If the numbers match, accept it: voipctl verify {name} --accept")
+    return 0
+
+
 def format_netcheck(result: dict[str, Any]) -> str:
     lines = [f"UDP: {'works' if result.get('udp_works') else 'blocked (no supernode answered)'}."]
     if result.get("reflexive"):
@@ -488,6 +504,13 @@ def build_parser() -> argparse.ArgumentParser:
             "--duration", type=float, metavar="S", help="hang up after S s of conversation"
         )
     sub.add_parser("hangup", parents=[common], help="hang up, cancel or decline the call")
+    verify = sub.add_parser(
+        "verify", parents=[common], help="safety number with a user; accept a changed key"
+    )
+    verify.add_argument("username")
+    verify.add_argument(
+        "--accept", action="store_true", help="trust the user's current key (after comparing)"
+    )
     ping = sub.add_parser("ping", parents=[common], help="path and round trip to a user")
     ping.add_argument("username")
     ping.add_argument("-c", "--count", type=int, default=4, help="replies to ask for (4)")
@@ -511,6 +534,7 @@ COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
     "answer": cmd_answer,
     "hangup": cmd_hangup,
     "ping": cmd_ping,
+    "verify": cmd_verify,
     "netcheck": cmd_netcheck,
 }
 

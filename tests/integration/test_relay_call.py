@@ -43,8 +43,11 @@ def _overlay(
     sn_options: tuple[str, ...],
     alice_options: tuple[str, ...],
     bob_options: tuple[str, ...] = (),
+    servers: list[Any] | None = None,
 ) -> tuple[DaemonProcess, DaemonProcess, DaemonProcess]:
     server = start_login_server(processes, login_data, "--min-supernodes", "1")
+    if servers is not None:
+        servers.append(server)
     sn = node(processes, short_dir() / "sn", server, *VOLUNTEER, *sn_options)
     wait_for(lambda: status(sn)["supernode"].get("active"), "the volunteer becoming a supernode")
     alice = node(processes, short_dir() / "alice", server, *alice_options)
@@ -270,3 +273,41 @@ def test_ping_through_a_relay(processes: Processes, login_data: Path, short_dir:
     assert code == 0, err
     replies = [line for line in out.splitlines() if line.startswith("Reply from bob")]
     assert len(replies) == 2 and all("over relay 127.0.0.1:" in r for r in replies), out
+
+
+def test_a_changed_key_blocks_the_call_until_accepted(
+    processes: Processes, login_data: Path, short_dir: Any
+) -> None:
+    """alice pins bob's key on their first call; bob logs in from a new device (a new key,
+    certified by the same login server); alice's call is refused until she compares safety
+    numbers and accepts it."""
+    servers: list[Any] = []
+    _, alice, bob = _overlay(
+        processes,
+        login_data,
+        short_dir,
+        sn_options=("--relay-allow-peers", "127.0.0.0/8"),
+        alice_options=(),
+        servers=servers,
+    )
+    code, out, err = ctl(alice, "ping", "bob", "-c", "1")
+    assert code == 0, err  # the first contact pins bob's key
+    _, mine, _ = ctl(alice, "verify", "bob")
+    _, theirs, _ = ctl(bob, "verify", "alice")
+    number = re.findall(r"(?:\d{5} ){11}\d{5}", mine)
+    assert number and number == re.findall(r"(?:\d{5} ){11}\d{5}", theirs), (mine, theirs)
+    assert "the same as first seen" in mine
+
+    bob.process.stop()  # bob moves to a new device: a new key for the same name
+    new_bob = node(processes, short_dir() / "bob2", servers[0])
+    code, _, err = ctl(new_bob, "login", "bob", "--password-stdin", input="pw-bob-12345\n")
+    assert code == 0, err
+    wait_for(lambda: "is online" in ctl(alice, "search", "bob")[1], "the new bob being findable")
+    code, out, err = ctl(alice, "ping", "bob", "-c", "1")
+    assert code == 1 and "bob's key has CHANGED" in err, (out, err)
+    code, out, _ = ctl(alice, "verify", "bob")
+    assert "CHANGED" in out and "voipctl verify bob --accept" in out
+    code, out, _ = ctl(alice, "verify", "bob", "--accept")
+    assert code == 0 and "accepted" in out
+    code, out, err = ctl(alice, "ping", "bob", "-c", "1")
+    assert code == 0, err
