@@ -46,6 +46,7 @@ from overlay.hostcache import HostCache
 from overlay.identity import DEFAULT_COST, IdentityKey, KdfCost, key_fingerprint, read_trust_anchor
 from overlay.listening import ListeningService
 from overlay.overlay_protocol import RelayOffer
+from overlay.presence import Status
 from overlay.relayoffers import RelayEndpoint
 from overlay.supernode import Supernode
 from overlay.terminal import run_command
@@ -156,6 +157,7 @@ class Daemon(MultiService):
             "ping": self.cmd_ping,
             "ping-user": self.cmd_ping_user,
             "verify": self.cmd_verify,
+            "presence": self.cmd_presence,
             "call": self.cmd_call,
             "answer": self.cmd_answer,
             "hangup": self.cmd_hangup,
@@ -429,6 +431,20 @@ class Daemon(MultiService):
 
     async def cmd_ping(self, args: dict[str, Any], progress: Progress) -> dict[str, Any]:
         return {"pong": True, "pid": os.getpid()}
+
+    async def cmd_presence(self, args: dict[str, Any], progress: Progress) -> dict[str, Any]:
+        """How others see us: online, away, busy or invisible (shown to them as offline)."""
+        text = _text(args, "status")
+        choices = {s.value: s for s in (Status.ONLINE, Status.AWAY, Status.BUSY, Status.INVISIBLE)}
+        if text not in choices:
+            raise VoipError(f"Unknown presence {text!r}: say online, away, busy or invisible.")
+        if self.account.username is None:
+            raise NotLoggedIn()
+        if self.node.link is None:
+            self.node.presence_status = choices[text]  # published when we attach
+            return {"status": text, "replicas": 0}
+        replicas = await self.node.set_status(choices[text])
+        return {"status": text, "replicas": replicas}
 
     async def cmd_verify(self, args: dict[str, Any], progress: Progress) -> dict[str, Any]:
         """The safety number with a user, and whether their key is the one pinned."""

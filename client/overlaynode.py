@@ -151,8 +151,8 @@ class Searcher:
 
     def classify(self, record: PresenceRecord) -> str:
         now = self.clock.seconds()
-        if record.status is Status.OFFLINE or not is_current(record, now):
-            return "offline"
+        if record.status in (Status.OFFLINE, Status.INVISIBLE) or not is_current(record, now):
+            return "offline"  # invisible: shown offline (docs/everyday.md)
         cert = SignedCertificate.parse(record.certificate).cert
         return "found" if cert.not_after > now else "offline"
 
@@ -319,6 +319,8 @@ class OverlayNode:
         #: What STUN on our supernodes said of our network (``set_nat``); in every record.
         self.reflexive: tuple[str, int] | None = None
         self.nat_type = "unknown"
+        #: How others see us (voipctl presence): online, away, busy or invisible.
+        self.presence_status = Status.ONLINE
         self._avoid: set[bytes] = set()
         self._timers: dict[str, IDelayedCall] = {}
 
@@ -591,10 +593,18 @@ class OverlayNode:
         )
         return sign(record, self.identity)
 
-    async def _publish(self, status: Status = Status.ONLINE) -> int:
+    async def set_status(self, status: Status) -> int:
+        """Our presence as others see it (``voipctl presence``); republished now and kept."""
+        if status is Status.OFFLINE:
+            raise ValueError("offline is what logging out publishes")
+        self.presence_status = status
+        return await self._publish()
+
+    async def _publish(self, status: Status | None = None) -> int:
         link = self.link
         if link is None:
             raise NoSupernode()
+        status = self.presence_status if status is None else status
         record = bytes(self.presence(status))
         reply = await self._request(link, lambda rid: Publish(rid, record))
         if not isinstance(reply, Published):
@@ -705,6 +715,7 @@ class OverlayNode:
         link = self.link
         document: dict[str, Any] = {
             "attached": link is not None and link.session is not None,
+            "presence": self.presence_status.value,
             "host_cache": len(self.hostcache),
             "attachments": self.attachments,
             "published_replicas": self.replicas,

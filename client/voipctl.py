@@ -165,6 +165,13 @@ def format_status(result: dict[str, Any], now: float) -> str:
         else:
             reason = overlay.get("last_error") or "looking for one"
             lines.append(f"Not attached to a supernode ({reason}).")
+    shown_as = overlay.get("presence", "online")
+    if shown_as != "online":
+        lines.append(
+            "Others see you as offline (invisible)."
+            if shown_as == "invisible"
+            else f"Others see you as {shown_as}."
+        )
     role = result.get("supernode") or {}
     if role.get("active"):
         lines.append(
@@ -426,6 +433,17 @@ def cmd_ping(args: argparse.Namespace) -> int:
     return 0 if result.get("received") else 1
 
 
+def cmd_presence(args: argparse.Namespace) -> int:
+    result = call(args.socket, "presence", {"status": args.status}, _progress(args))
+    if args.json:
+        print_json(result)
+    elif args.status == "invisible":
+        print("You now appear offline to others (you can still search and call).")
+    else:
+        print(f"You now appear {args.status} to others.")
+    return 0
+
+
 def cmd_verify(args: argparse.Namespace) -> int:
     request = {"username": args.username, "accept": args.accept}
     result = call(args.socket, "verify", request, _progress(args))
@@ -504,6 +522,8 @@ def build_parser() -> argparse.ArgumentParser:
             "--duration", type=float, metavar="S", help="hang up after S s of conversation"
         )
     sub.add_parser("hangup", parents=[common], help="hang up, cancel or decline the call")
+    presence = sub.add_parser("presence", parents=[common], help="how others see you")
+    presence.add_argument("status", choices=["online", "away", "busy", "invisible"])
     verify = sub.add_parser(
         "verify", parents=[common], help="safety number with a user; accept a changed key"
     )
@@ -535,6 +555,7 @@ COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
     "hangup": cmd_hangup,
     "ping": cmd_ping,
     "verify": cmd_verify,
+    "presence": cmd_presence,
     "netcheck": cmd_netcheck,
 }
 
