@@ -21,11 +21,13 @@ from twisted.internet import defer
 from twisted.internet.defer import Deferred
 from twisted.internet.endpoints import UNIXServerEndpoint
 from twisted.internet.error import CannotListenError
+from twisted.internet.task import deferLater
 from twisted.internet.threads import deferToThreadPool
 from twisted.logger import FileLogObserver, Logger, formatEventAsClassicLogText, globalLogBeginner
 from twisted.python.failure import Failure
 
 from client.account import Account, NotLoggedIn, Progress
+from client.buddies import BuddyList, buddy_line
 from client.callmanager import CallManager
 from client.callparts import call_environment, netcheck
 from client.calls import AudioOptions
@@ -88,6 +90,8 @@ class DaemonConfig:
     relay_max_allocations: int = 200
     #: Calls never go direct (``--relay-only``): the peer never learns our addresses.
     relay_only: bool = False
+    #: Seconds between two refreshes of one buddy's presence (``--buddy-refresh``).
+    buddy_refresh: float = 30.0
     #: Peers the relay may send to (``--relay-allow-peers``); always every public address.
     relay_allow_peers: tuple[IPNetwork, ...] = ()
 
@@ -136,6 +140,13 @@ class Daemon(MultiService):
         #: The keys first seen for each user (client.keypins): calls check them.
         self.pins = KeyPins(config.state / "pins.json")
         self.calls.key_check = self.pins.check
+        self.buddies = BuddyList(
+            reactor,
+            config.state / "buddies.json",
+            self.node.search,
+            self.pins.check,
+            refresh=config.buddy_refresh,
+        )
         self._starved_timer: Any = None
         self._nat_checking = False
         #: Our NAT kind as the last NAT check found it (None: not checked yet).
@@ -158,6 +169,7 @@ class Daemon(MultiService):
             "ping-user": self.cmd_ping_user,
             "verify": self.cmd_verify,
             "presence": self.cmd_presence,
+            "buddies": self.cmd_buddies,
             "call": self.cmd_call,
             "answer": self.cmd_answer,
             "hangup": self.cmd_hangup,
@@ -239,10 +251,12 @@ class Daemon(MultiService):
         if account.identity is not None and account.certificate is not None:
             if not self.node.running:
                 self.node.start(account.identity, account.certificate, account.bootstrap)
+                self.buddies.start()
             else:
                 self.node.update_certificate(account.certificate)
                 self.node.learn(account.bootstrap)
         elif self.node.running:
+            self.buddies.stop()
             self.calls.stop()
             Deferred.fromCoroutine(self.node.stop()).addErrback(self._leave_failed)
 
@@ -339,6 +353,7 @@ class Daemon(MultiService):
     def stopService(self) -> Any:
         if self._starved_timer is not None and self._starved_timer.active():
             self._starved_timer.cancel()
+        self.buddies.stop()
         self.calls.stop()
         leaving: Deferred[None] = defer.succeed(None)
         if self.role is not None:
@@ -431,6 +446,34 @@ class Daemon(MultiService):
 
     async def cmd_ping(self, args: dict[str, Any], progress: Progress) -> dict[str, Any]:
         return {"pong": True, "pid": os.getpid()}
+
+    async def cmd_buddies(self, args: dict[str, Any], progress: Progress) -> dict[str, Any]:
+        """List, add or remove buddies; ``watch_for``: stream their changes that long."""
+        action = args.get("action", "list")
+        if self.account.username is None:
+            raise NotLoggedIn()
+        if action == "add":
+            name = canonical_username(_text(args, "username"))
+            if name == self.account.username:
+                raise VoipError("You cannot add yourself as a buddy.")
+            self.buddies.add(name)
+        elif action == "remove":
+            self.buddies.remove(_text(args, "username"))
+        elif action != "list":
+            raise VoipError(f"Unknown buddies action {action!r}.")
+        watch = args.get("watch_for")
+        if isinstance(watch, int | float) and watch > 0:
+            progress(f"Watching {len(self.buddies.buddies)} buddies (Ctrl-C stops)...")
+
+            def changed(buddy: Any) -> None:
+                progress(buddy_line(buddy.to_json(), self.reactor.seconds()))
+
+            self.buddies.listeners.append(changed)
+            try:
+                await deferLater(self.reactor, min(float(watch), 86_400.0))
+            finally:
+                self.buddies.listeners.remove(changed)
+        return {"buddies": [b.to_json() for b in self.buddies.listing()]}
 
     async def cmd_presence(self, args: dict[str, Any], progress: Progress) -> dict[str, Any]:
         """How others see us: online, away, busy or invisible (shown to them as offline)."""
@@ -632,6 +675,13 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="never call directly: always through a relay, so peers never learn your address",
     )
+    calls.add_argument(
+        "--buddy-refresh",
+        type=float,
+        default=30.0,
+        metavar="S",
+        help="seconds between refreshes of each buddy's presence (30; lower for labs and tests)",
+    )
     calls.add_argument("--relay-user", help="the username for --relay")
     calls.add_argument("--relay-password", help="the password for --relay")
     calls.add_argument(
@@ -725,6 +775,7 @@ def config_from_args(args: argparse.Namespace) -> tuple[DaemonConfig, StateDir]:
         relay_max_allocations=args.relay_max_allocations,
         relay_allow_peers=tuple(args.relay_allow_peers),
         relay_only=args.relay_only,
+        buddy_refresh=args.buddy_refresh,
     )
     return config, state
 

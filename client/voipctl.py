@@ -433,6 +433,39 @@ def cmd_ping(args: argparse.Namespace) -> int:
     return 0 if result.get("received") else 1
 
 
+def cmd_buddies(args: argparse.Namespace) -> int:
+    from client.buddies import buddy_line
+
+    request: dict[str, Any] = {"action": args.action or "list"}
+    if args.action in ("add", "remove"):
+        if not args.username:
+            raise DaemonError(
+                f"Say whom to {args.action}: voipctl buddies {args.action} NAME", "usage"
+            )
+        request["username"] = args.username
+    watch = args.watch_for if args.watch_for is not None else (86_400.0 if args.watch else None)
+    if watch is not None:
+        request["watch_for"] = watch
+
+    def line(text: str) -> None:
+        print(text, flush=True)
+
+    try:
+        result = call(args.socket, "buddies", request, line, timeout=None)
+    except KeyboardInterrupt:
+        return 0
+    if args.json:
+        print_json(result)
+        return 0
+    buddies = result.get("buddies") or []
+    if not buddies:
+        print("No buddies yet: voipctl buddies add NAME")
+    now = time.time()
+    for buddy in buddies:
+        print(buddy_line(buddy, now))
+    return 0
+
+
 def cmd_presence(args: argparse.Namespace) -> int:
     result = call(args.socket, "presence", {"status": args.status}, _progress(args))
     if args.json:
@@ -522,6 +555,11 @@ def build_parser() -> argparse.ArgumentParser:
             "--duration", type=float, metavar="S", help="hang up after S s of conversation"
         )
     sub.add_parser("hangup", parents=[common], help="hang up, cancel or decline the call")
+    buddies = sub.add_parser("buddies", parents=[common], help="your buddy list and their presence")
+    buddies.add_argument("action", nargs="?", choices=["list", "add", "remove"])
+    buddies.add_argument("username", nargs="?")
+    buddies.add_argument("--watch", action="store_true", help="print each change (Ctrl-C stops)")
+    buddies.add_argument("--watch-for", type=float, metavar="S", help="watch for S seconds")
     presence = sub.add_parser("presence", parents=[common], help="how others see you")
     presence.add_argument("status", choices=["online", "away", "busy", "invisible"])
     verify = sub.add_parser(
@@ -556,6 +594,7 @@ COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
     "ping": cmd_ping,
     "verify": cmd_verify,
     "presence": cmd_presence,
+    "buddies": cmd_buddies,
     "netcheck": cmd_netcheck,
 }
 
