@@ -3,13 +3,17 @@
 ``BuddyList`` is kept by the daemon in ``STATE/buddies.json`` (mode 0600, written atomically).
 Each buddy's presence is refreshed by an ordinary overlay search (``OverlayNode.search``: the
 record is verified like any other) every ``refresh`` seconds, one buddy at a time, the stalest
-first, and never more than ``MAX_RATE`` searches a second whatever the list's size; a new buddy
-is looked up at once.  A change of status, NAT kind or key is passed to the listeners
-(``voipctl buddies --watch``).  Each record's key goes through the key pins
-(``client.keypins``): a changed key is shown as "KEY CHANGED" until accepted.
+first, and never more than ``MAX_RATE`` searches a second whatever the list's size or however
+fast buddies are added (the bound is kept at the one place a search starts); a new buddy is
+looked up as soon as the bound allows.  The searches run only while logged in (``start`` /
+``stop``); logging in again looks everyone up afresh.  A change of status, reach or key is
+passed to the listeners (``voipctl buddies --watch``).  Each record's key goes through the key
+pins (``client.keypins``): a changed key is shown as "KEY CHANGED" until accepted.
 
     status      what the last search said: online, away, busy, offline (also invisible users),
                 not-found (no record in 72 h), unknown (not looked up yet, or no answer)
+    last_seen   when the buddy's record was issued (unix time); an invisible buddy's record
+                does not move it (nor the NAT kind), or "last seen now" would give them away
     reach       "direct-capable" (public or cone NAT: a direct call is likely), "may need a
                 relay" (symmetric NAT, UDP blocked, or unknown), "" when not online
 """
@@ -28,7 +32,8 @@ from twisted.logger import Logger
 from overlay.certificate import SignedCertificate
 from overlay.errors import VoipError
 from overlay.identity import write_private_file
-from overlay.usernames import canonical_username
+from overlay.presence import Status
+from overlay.usernames import canonical_username, is_valid_username
 
 log = Logger()
 
@@ -87,6 +92,8 @@ class BuddyList:
         self.searches = 0
         self._timer: Any = None
         self._busy = False
+        self._running = False
+        self._last_search: float | None = None
         try:
             names = json.loads(path.read_text())
         except FileNotFoundError:
@@ -94,7 +101,12 @@ class BuddyList:
         except (OSError, ValueError) as exc:
             raise BuddyError(f"Cannot read the buddy list {path}: {exc}.") from None
         for name in names if isinstance(names, list) else []:
-            if isinstance(name, str):
+            # A hand-edited file: only valid names, only as many as the list holds.
+            if (
+                isinstance(name, str)
+                and is_valid_username(name)
+                and len(self.buddies) < MAX_BUDDIES
+            ):
                 self.buddies[name] = Buddy(name)
 
     # -- the list --------------------------------------------------------------------------
@@ -123,9 +135,15 @@ class BuddyList:
     # -- refreshing ------------------------------------------------------------------------
 
     def start(self) -> None:
+        """Logged in: refresh from now on, everyone soon (what we knew before may be stale)."""
+        self._running = True
+        for buddy in self.buddies.values():
+            buddy.checked_at = None
         self._kick(0.0)
 
     def stop(self) -> None:
+        """Logged out or shutting down: no more searches (one under way is let finish)."""
+        self._running = False
         if self._timer is not None and self._timer.active():
             self._timer.cancel()
         self._timer = None
@@ -136,6 +154,8 @@ class BuddyList:
         return max(1.0 / MAX_RATE, self.refresh / max(1, len(self.buddies)))
 
     def _kick(self, delay: float) -> None:
+        if not self._running:
+            return
         if self._timer is not None and self._timer.active():
             if self._timer.getTime() <= self.reactor.seconds() + delay:
                 return
@@ -144,21 +164,26 @@ class BuddyList:
 
     def _tick(self) -> None:
         self._timer = None
-        if not self.buddies or self._busy:
-            return
+        if not self._running or not self.buddies or self._busy:
+            return  # a search under way reschedules when it ends
         now = self.reactor.seconds()
         stalest = min(self.buddies.values(), key=lambda b: b.checked_at or float("-inf"))
         due = (stalest.checked_at or float("-inf")) + self.refresh
+        if self._last_search is not None:  # the rate bound holds whoever kicked us
+            due = max(due, self._last_search + 1.0 / MAX_RATE)
         if due > now:
             self._timer = self.reactor.callLater(due - now, self._tick)
             return
         self._busy = True
+        self._last_search = now
         checking = Deferred.fromCoroutine(self._check(stalest))
         checking.addErrback(lambda f: log.failure("buddy refresh failed", f))
         checking.addBoth(self._checked)
 
     def _checked(self, _: object) -> None:
         self._busy = False
+        if not self._running:
+            return
         unchecked = any(b.checked_at is None for b in self.buddies.values())
         delay = 1.0 / MAX_RATE if unchecked else self.spacing  # new buddies first, soon
         self._timer = self.reactor.callLater(delay, self._tick)
@@ -170,19 +195,21 @@ class BuddyList:
             result = await self.search(buddy.name)
         except VoipError as exc:
             log.info("buddy {name}: no answer: {error}", name=buddy.name, error=exc)
-            buddy.checked_at = self.reactor.seconds()
             return
-        buddy.checked_at = self.reactor.seconds()
+        finally:  # whatever happened, the others get their turn before this one again
+            buddy.checked_at = self.reactor.seconds()
         record = getattr(result, "record", None)
         if result.outcome == "not-found":
             buddy.status = "not-found"
         elif result.outcome == "failed" or record is None:
             buddy.status = "unknown"
         else:
-            status = record.status.value
-            buddy.status = "offline" if result.outcome == "offline" else status
-            buddy.nat_type = record.nat_type
-            buddy.last_seen = int(record.issued_at)
+            buddy.status = "offline" if result.outcome == "offline" else record.status.value
+            if record.status is not Status.INVISIBLE:
+                # An invisible buddy's record is fresh: showing its time or NAT kind would
+                # tell that they are connected.  They stay "last seen" when last visible.
+                buddy.nat_type = record.nat_type
+                buddy.last_seen = int(record.issued_at)
             self._check_key(buddy, record.certificate)
         if buddy.name in self.buddies and buddy.signature() != before:
             for listener in list(self.listeners):

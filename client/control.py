@@ -18,7 +18,7 @@ import struct
 from collections.abc import Awaitable, Callable
 from typing import Any
 
-from twisted.internet.defer import Deferred
+from twisted.internet.defer import CancelledError, Deferred
 from twisted.internet.protocol import Factory
 from twisted.logger import Logger
 from twisted.protocols.basic import LineOnlyReceiver
@@ -49,10 +49,25 @@ class ControlProtocol(LineOnlyReceiver):
     delimiter = b"\n"
     MAX_LENGTH = MAX_REQUEST
 
-    def __init__(self, handlers: dict[str, Handler], own_uid: int) -> None:
+    def __init__(
+        self,
+        handlers: dict[str, Handler],
+        own_uid: int,
+        cancellable: frozenset[str] = frozenset(),
+    ) -> None:
         self.handlers = handlers
         self.own_uid = own_uid
+        #: Commands stopped when their client goes away (e.g. ``buddies --watch`` after Ctrl-C);
+        #: the others (a call) run to their end, which the client asks for with another command.
+        self.cancellable = cancellable
         self.busy = False
+        self._running: Deferred[dict[str, Any]] | None = None
+        self._command = ""
+
+    def connectionLost(self, reason: Failure | None = None) -> None:
+        running = self._running
+        if running is not None and not running.called and self._command in self.cancellable:
+            running.cancel()
 
     def connectionMade(self) -> None:
         handle = self.transport.getHandle() if self.transport is not None else None  # type: ignore[attr-defined]
@@ -101,6 +116,8 @@ class ControlProtocol(LineOnlyReceiver):
             self.transport.loseConnection()  # type: ignore[union-attr]
 
         def failed(failure: Failure) -> None:
+            if isinstance(failure.value, CancelledError):
+                return  # the client went away (connectionLost)
             exc = failure.value
             if isinstance(exc, VoipError):
                 self._reply_error(exc.code, str(exc))
@@ -109,12 +126,17 @@ class ControlProtocol(LineOnlyReceiver):
                 self._reply_error("internal", f"voipd failed: {exc!r} (see its log).")
             self.transport.loseConnection()  # type: ignore[union-attr]
 
-        Deferred.fromCoroutine(run()).addCallbacks(done, failed)
+        self._command = command
+        self._running = Deferred.fromCoroutine(run())
+        self._running.addCallbacks(done, failed)
 
 
 class ControlFactory(Factory):
-    def __init__(self, handlers: dict[str, Handler]) -> None:
+    def __init__(
+        self, handlers: dict[str, Handler], cancellable: frozenset[str] = frozenset()
+    ) -> None:
         self.handlers = handlers
+        self.cancellable = cancellable
 
     def buildProtocol(self, addr: Any) -> ControlProtocol:
-        return ControlProtocol(self.handlers, os.getuid())
+        return ControlProtocol(self.handlers, os.getuid(), self.cancellable)

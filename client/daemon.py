@@ -176,7 +176,7 @@ class Daemon(MultiService):
             "netcheck": self.cmd_netcheck,
         }
         endpoint = UNIXServerEndpoint(reactor, str(config.socket), mode=0o600, wantPID=False)
-        ListeningService(endpoint, ControlFactory(handlers)).attach(self)
+        ListeningService(endpoint, ControlFactory(handlers, frozenset({"buddies"}))).attach(self)
 
     def _make_supernode(self) -> None:
         config, reactor = self.config, self.reactor

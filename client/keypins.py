@@ -56,6 +56,13 @@ def safety_number(my_name: str, my_key: bytes, their_name: str, their_key: bytes
     return " ".join(digits[i : i + 5] for i in range(0, 60, 5))
 
 
+def _is_key_hex(value: object) -> bool:
+    try:
+        return isinstance(value, str) and len(bytes.fromhex(value)) == 32
+    except ValueError:
+        return False
+
+
 class KeyPins:
     def __init__(self, path: Path, clock: Any = time.time) -> None:
         self.path = path
@@ -67,9 +74,9 @@ class KeyPins:
             document = {}
         except (OSError, ValueError) as exc:
             raise VoipError(f"Cannot read the key pins {path}: {exc}.") from None
-        if isinstance(document, dict):
+        if isinstance(document, dict):  # a hand-edited file: entries that make sense only
             for name, entry in document.items():
-                if isinstance(entry, dict) and isinstance(entry.get("key"), str):
+                if isinstance(entry, dict) and _is_key_hex(entry.get("key")):
                     self._pins[str(name)] = entry
 
     def pinned(self, username: str) -> bytes | None:

@@ -319,3 +319,37 @@ async def test_daemon_serves_status_on_a_private_socket(short_dir: Path) -> None
     assert not sock.exists()
     with pytest.raises(DaemonNotRunning, match=r"^voipd is not running \(no socket at "):
         voipctl.call(sock, "status", timeout=TIMEOUT)
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_cancellable_command_stops_when_its_client_goes_away(short_dir: Path) -> None:
+    """``voipctl buddies --watch`` then Ctrl-C: the daemon drops the watch at once; a call
+    (not cancellable) would run on until hung up."""
+    stopped: list[str] = []
+
+    async def watch(args: dict[str, Any], progress: Progress) -> dict[str, Any]:
+        progress("Watching...")
+        try:
+            await deferLater(reactor, 30, lambda: None)
+        finally:
+            stopped.append(args["name"])
+        return {}
+
+    path = short_dir / "s"
+    endpoint = UNIXServerEndpoint(reactor, str(path), mode=0o600, wantPID=False)
+    handlers: dict[str, Handler] = {"watch": watch, "call": watch}
+    port = await endpoint.listen(ControlFactory(handlers, frozenset({"watch"})))
+    try:
+        for command in ("watch", "call"):
+            with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+                sock.connect(str(path))
+                request = {"cmd": command, "args": {"name": command}}
+                sock.sendall(json.dumps(request).encode() + b"\n")
+                await deferLater(reactor, 0.2, lambda: None)
+        await deferLater(reactor, 0.2, lambda: None)
+        assert stopped == ["watch"]  # the call's handler still runs
+    finally:
+        await port.stopListening()
+        for call in reactor.getDelayedCalls():
+            if call.getTime() - reactor.seconds() > 25 and call.active():
+                call.cancel()  # the abandoned "call" handler's 30 s wait
