@@ -422,8 +422,10 @@ class Daemon(MultiService):
         }
         record = result.record
         if record is not None:
-            document["status"] = record.status.value
-            document["last_seen"] = record.issued_at
+            invisible = record.status is Status.INVISIBLE
+            document["status"] = "offline" if invisible else record.status.value
+            if not invisible:  # a fresh record would give an invisible user away
+                document["last_seen"] = record.issued_at
             document["nat_type"] = record.nat_type
             if record.supernode is not None:
                 document["supernode"] = f"{record.supernode.host}:{record.supernode.tcp_port}"

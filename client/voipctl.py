@@ -237,7 +237,9 @@ def format_search(result: dict[str, Any], now: float) -> str:
         state = "online" if status == "online" else f"online, {status}"
         return f"{name} is {state}{where}, found in {how}."
     if outcome == "offline":
-        seen = _ago(now - float(result.get("last_seen", now)))
+        if "last_seen" not in result:
+            return f"{name} is offline, found in {how}."
+        seen = _ago(now - float(result["last_seen"]))
         return f"{name} is offline (last seen {seen}), found in {how}."
     if outcome == "not-found":
         return f"No such user, or {name} has not been online in the last 72 h ({how})."
