@@ -27,7 +27,7 @@ from client.calls import (
     Environment,
     NoCall,
 )
-from client.envelope import EnvelopeError, ReplayGuard, open_envelope, seal
+from client.envelope import Envelope, EnvelopeError, ReplayGuard, open_envelope, seal
 from client.signalling import ENVELOPE_KIND, CallSignal, SignalError, signal
 from overlay.certificate import SignedCertificate
 from overlay.errors import VoipError
@@ -305,6 +305,8 @@ class CallManager:
             return
         me = credentials[1].username
         try:
+            if Envelope.parse(data).kind != ENVELOPE_KIND:
+                return  # a message or receipt: client.messaging's (held ones may be old)
             opened = open_envelope(data, self.ca_public_key, me, self.reactor.seconds(), self.guard)
         except EnvelopeError as exc:
             self.rejected += 1

@@ -36,6 +36,7 @@ from client.candidates import parse_address as parse_candidate_address
 from client.control import ControlFactory, Handler
 from client.keypins import KeyPins, safety_number
 from client.loginclient import LoginClient, parse_address
+from client.messaging import Messenger
 from client.overlaynode import OverlayNode, Searcher
 from client.paths import MAX_SOCKET_PATH, default_socket_path, default_state_dir
 from client.promotion import PromotionPolicy, SupernodeRole
@@ -147,6 +148,17 @@ class Daemon(MultiService):
             self.pins.check,
             refresh=config.buddy_refresh,
         )
+        #: Instant messages (client.messaging): inbox and outbox per user in the state dir.
+        self.messages = Messenger(
+            reactor,
+            config.ca_key,
+            self._credentials,
+            config.state,
+            self.node.search,
+            self.node.post,
+        )
+        self.messages.key_check = self.pins.check
+        self.node.on_message.append(self.messages.received)
         self._starved_timer: Any = None
         self._nat_checking = False
         #: Our NAT kind as the last NAT check found it (None: not checked yet).
@@ -174,6 +186,8 @@ class Daemon(MultiService):
             "answer": self.cmd_answer,
             "hangup": self.cmd_hangup,
             "netcheck": self.cmd_netcheck,
+            "msg": self.messages.cmd_msg,
+            "inbox": self.messages.cmd_inbox,
         }
         endpoint = UNIXServerEndpoint(reactor, str(config.socket), mode=0o600, wantPID=False)
         ListeningService(endpoint, ControlFactory(handlers, frozenset({"buddies"}))).attach(self)

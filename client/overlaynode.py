@@ -45,6 +45,7 @@ from overlay.errors import ProtocolError, VoipError
 from overlay.hostcache import HostCache
 from overlay.identity import IdentityKey
 from overlay.login_protocol import Contact, proof_message
+from overlay.mailbox import Post, Posted
 from overlay.messages import Error, Message, Ping
 from overlay.overlay_protocol import (
     PING_PAD,
@@ -88,6 +89,8 @@ PUBLISH_RETRY = 2.0
 #: How long a ``find`` may take: the supernode's search runs up to 3 rounds of 2 s asks, each
 #: round trying fallbacks when its first asks fail.
 FIND_TIMEOUT = 20.0
+#: How long a ``post`` may take: a search and a forward (up to 5 s), then deposits (2 s).
+POST_TIMEOUT = 30.0
 
 
 #: Delivered envelopes kept for inspection.
@@ -693,6 +696,17 @@ class OverlayNode:
         reply = await self._request(link, lambda rid: Send(rid, to, envelope))
         if not isinstance(reply, Sent):
             raise ProtocolError(f"send answered with {reply.NAME}")
+
+    async def post(self, to: str, envelope: bytes) -> int:
+        """Deliver a message now, or have it held for ``to`` (``overlay.mailbox``): 0 when
+        delivered, else how many supernodes of ``to``'s slot hold it."""
+        link = self.link
+        if link is None:
+            raise NoSupernode()
+        reply = await self._request(link, lambda rid: Post(rid, to, envelope), POST_TIMEOUT)
+        if not isinstance(reply, Posted):
+            raise ProtocolError(f"post answered with {reply.NAME}")
+        return reply.replicas if reply.queued else 0
 
     async def relay_offers(self) -> tuple[RelayOffer, ...]:
         """Our supernode's relay, with a credential for us (empty when it has no room)."""

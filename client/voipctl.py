@@ -581,6 +581,9 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_parser(
         "netcheck", parents=[common], help="UDP, reflexive address, NAT kind, supernode RTTs"
     )
+    from client.msgctl import add_parsers as add_message_parsers
+
+    add_message_parsers(sub, common)
     return parser
 
 
@@ -598,7 +601,15 @@ COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
     "presence": cmd_presence,
     "buddies": cmd_buddies,
     "netcheck": cmd_netcheck,
+    "msg": lambda args: _messages().cmd_msg(args, call),
+    "inbox": lambda args: _messages().cmd_inbox(args, call),
 }
+
+
+def _messages() -> Any:
+    import client.msgctl
+
+    return client.msgctl
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -41,6 +41,9 @@ Message table::
                         per connection at most 10 running and 20 started in any 10 s, beyond
                         that error too-many-searches; overlay.supernode.FindBudget)
     either              ping {rid}                        -> pong             (keep-alive)
+    node -> SN          post {rid, to, envelope}          -> posted {rid, queued, replicas}
+                        (instant messages held for offline users, with SN -> SN deposit,
+                        collect and drop over UDP: their table is in overlay.mailbox)
 
     over the login channel (sealed; one connection per request)
     SN -> login server  sn-apply {rid, node_key, proof, tcp_port, udp_port} -> sn-admitted | error

@@ -53,6 +53,7 @@ from overlay.identity import IdentityKey, verify_signature
 from overlay.index import PresenceIndex
 from overlay.keyspace import KEY_SPACE, Prefix, user_key
 from overlay.login_protocol import proof_message
+from overlay.mailbox import Collect, Deposit, Drop, Mailboxes, Post
 from overlay.messages import Message, Ping, Pong
 from overlay.overlay_protocol import (
     SEARCH_PAD,
@@ -243,6 +244,8 @@ class Supernode:
         self.relay: RelayEndpoint | None = None
         self.offers = RelayOffers(self)
         self.anti_entropy = AntiEntropy(self, every=anti_entropy_every)
+        #: Messages held for offline users of our slot (``overlay.mailbox``).
+        self.mailbox = Mailboxes(self)
 
     @property
     def node_id(self) -> bytes:
@@ -354,6 +357,8 @@ class Supernode:
             return Forwarded(message.rid, delivered)
         if isinstance(message, RelayMint):
             return self.offers.handle_mint(message)
+        if isinstance(message, Deposit | Collect | Drop):
+            return self.mailbox.handle(message)
         raise ProtocolError(f"{message.NAME} is not a supernode request.")
 
     def _search(self, message: Search) -> Message:
@@ -647,6 +652,8 @@ class SupernodeConnection(FramedConnection):
                 self._run(message, self._relay_offer(message))
             elif isinstance(message, Find):
                 self._find(message)
+            elif isinstance(message, Post):
+                self._run(message, sn.mailbox.post(self.username, message))
             else:
                 raise ProtocolError(f"{message.NAME} is not a request a node may make.")
         except VoipError as exc:
@@ -666,12 +673,14 @@ class SupernodeConnection(FramedConnection):
         self.username = cert.username
         sn.counters["attached"] += 1
         self.send(Attached(message.rid, sn.contacts_for_nodes()))
+        sn.mailbox.deliver_soon(cert.username)  # messages held while it was away
 
     async def _publish(self, message: Publish) -> Message:
         sn = self.supernode
         signed = SignedPresence.parse(message.record)
         record = signed.verify(sn.ca_public_key, self.clock.seconds(), self.username)
         replicas = await sn.replicate(message.record, user_key(record.username))
+        sn.mailbox.published(signed)
         return Published(message.rid, replicas)
 
     async def _relay_offer(self, message: RelayRequest) -> Message:
